@@ -1,0 +1,482 @@
+//! Command-line interface: argument definitions and the client-side commands.
+//!
+//! `main.rs` parses [`Cli`] and dispatches; the node (`run`) and the worker (`worker`) live in
+//! their own modules, the commands that talk to a running node live here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+
+use crate::client::{ClientError, CoordinatorClient};
+use crate::config::{CliOverrides, Config};
+use crate::coordinator::model::*;
+use crate::identity::Identity;
+use crate::node::{NodeInfo, identity_path};
+
+/// EdgeCoder node agent.
+#[derive(Debug, Parser)]
+#[command(name = "edgecoder", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Configuration flags shared by commands that read the node's configuration.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// Configuration file (default /etc/edgecoder/edgecoder.toml, or $XDG_CONFIG_HOME/edgecoder/edgecoder.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (store, keys, node.json).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Bind every service to this address.
+    #[arg(long, value_name = "ADDR")]
+    pub host: Option<String>,
+    /// Coordinator port.
+    #[arg(long, value_name = "PORT")]
+    pub coordinator_port: Option<u16>,
+    /// Inference port.
+    #[arg(long, value_name = "PORT")]
+    pub inference_port: Option<u16>,
+    /// Control-plane port.
+    #[arg(long, value_name = "PORT")]
+    pub control_plane_port: Option<u16>,
+    /// IDE provider port.
+    #[arg(long, value_name = "PORT")]
+    pub ide_port: Option<u16>,
+    /// Set any configuration key, e.g. --set worker.slots=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The overrides these flags make.
+    pub fn overrides(&self) -> CliOverrides {
+        CliOverrides {
+            config_file: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            host: self.host.clone(),
+            coordinator_port: self.coordinator_port,
+            inference_port: self.inference_port,
+            control_plane_port: self.control_plane_port,
+            ide_port: self.ide_port,
+            set: self.set.clone(),
+        }
+    }
+}
+
+/// How the client-side commands reach the node.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConnectArgs {
+    /// Coordinator URL (default: from the running node's node.json, else http://127.0.0.1:4301).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Key to sign requests with (default: the node's identity.key).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node: coordinator, inference, control plane, IDE provider and a supervised worker.
+    Run(ConfigArgs),
+    /// Run a worker that registers with a coordinator (the node starts one itself).
+    Worker(WorkerCmd),
+    /// Submit and inspect tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Summarise a running node.
+    Status(ConnectArgs),
+    /// Create a key file and print its key id (for coordinator.agent_keys / client_keys).
+    Keygen {
+        /// Where to write the key (mode 0600); an existing file is only read.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Check the configuration and print every problem, or the effective settings.
+    CheckConfig(ConfigArgs),
+}
+
+/// `edgecoder worker`.
+#[derive(Debug, Args)]
+pub struct WorkerCmd {
+    /// Coordinator URL.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:4301")]
+    pub coordinator: String,
+    /// Agent key file (created if missing; admit its key id with coordinator.agent_keys).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Tasks run at once.
+    #[arg(long, default_value_t = 16)]
+    pub slots: u32,
+    /// Exit when this process stops being our parent (set by the node).
+    #[arg(long, hide = true)]
+    pub parent_pid: Option<u32>,
+    /// Log filter.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+    /// Time running tasks get to finish after SIGTERM.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+}
+
+/// `edgecoder task ...`.
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Submit a task and print it (or, with --wait, its result).
+    Submit {
+        /// Task kind.
+        #[arg(long, default_value = "probe")]
+        kind: String,
+        /// Payload as JSON.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Priority, -100..100.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Deadline relative to now, e.g. 30s.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Required model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Idempotency key: resubmitting with it returns the first task.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait for the result and print it.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Print a task.
+    Get {
+        /// Task id.
+        id: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Wait for a task's result and print it; exits 2 if the task did not succeed.
+    Wait {
+        /// Task id.
+        id: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// List tasks, newest last.
+    List {
+        /// Only tasks in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Most tasks to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Cancel a task.
+    Cancel {
+        /// Task id.
+        id: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Follow a task's event stream until it finishes.
+    Events {
+        /// Task id.
+        id: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+}
+
+/// A client for the node named by `conn`.
+///
+/// # Errors
+/// Configuration problems, an unreadable key.
+pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let (cfg, _) = Config::load(&conn.config.overrides(), &env)?;
+    let key_path = conn
+        .key
+        .clone()
+        .unwrap_or_else(|| identity_path(&cfg.data_dir));
+    let identity = Identity::load(&key_path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (run as the node's user, or pass --key)",
+            key_path.display()
+        )
+    })?;
+    let url = match &conn.url {
+        Some(u) => u.clone(),
+        None => match NodeInfo::read(&cfg.data_dir) {
+            Ok(info) => info.coordinator_url(),
+            Err(_) => format!(
+                "http://{}",
+                crate::node::local_addr(cfg.addr(&cfg.coordinator.listen))
+            ),
+        },
+    };
+    Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Runs a `task` subcommand; returns the process exit code.
+///
+/// # Errors
+/// Connection, API and argument errors.
+pub async fn task(cmd: TaskCmd) -> anyhow::Result<u8> {
+    match cmd {
+        TaskCmd::Submit {
+            kind,
+            payload,
+            priority,
+            timeout,
+            model,
+            idempotency_key,
+            wait,
+            conn,
+        } => {
+            let kind: TaskKind = kind.parse().map_err(anyhow::Error::msg)?;
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let client = connect(&conn)?;
+            let req = SubmitTask {
+                kind,
+                payload,
+                requirements: Requirements {
+                    model,
+                    ..Default::default()
+                },
+                priority,
+                timeout,
+                max_attempts: None,
+                idempotency_key,
+            };
+            let view: TaskView = client.post("/tasks", &req).await?;
+            if wait {
+                return wait_result(&client, &view.id.to_string(), Duration::from_secs(600)).await;
+            }
+            print_json(&view)?;
+            Ok(0)
+        }
+        TaskCmd::Get { id, conn } => {
+            let client = connect(&conn)?;
+            let view: TaskView = client.get(&format!("/tasks/{id}")).await?;
+            print_json(&view)?;
+            Ok(0)
+        }
+        TaskCmd::Wait { id, timeout, conn } => {
+            let client = connect(&conn)?;
+            wait_result(&client, &id, timeout).await
+        }
+        TaskCmd::List { state, limit, conn } => {
+            let client = connect(&conn)?;
+            let mut path = format!("/tasks?limit={limit}");
+            if let Some(s) = state {
+                path.push_str(&format!("&state={s}"));
+            }
+            let list: TaskList = client.get(&path).await?;
+            if conn.json {
+                print_json(&list)?;
+            } else {
+                for t in &list.tasks {
+                    println!(
+                        "{}  {:<10} {:<9} attempts {}/{}",
+                        t.id,
+                        t.kind.as_str(),
+                        t.state.as_str(),
+                        t.attempts,
+                        t.max_attempts
+                    );
+                }
+                if let Some(n) = list.next {
+                    println!("(more after {n})");
+                }
+            }
+            Ok(0)
+        }
+        TaskCmd::Cancel { id, conn } => {
+            let client = connect(&conn)?;
+            let view: TaskView = client
+                .send::<(), TaskView>(Method::DELETE, &format!("/tasks/{id}"), None, None)
+                .await?
+                .body;
+            print_json(&view)?;
+            Ok(0)
+        }
+        TaskCmd::Events { id, conn } => {
+            let client = connect(&conn)?;
+            follow_events(&client, &id).await
+        }
+    }
+}
+
+async fn wait_result(
+    client: &CoordinatorClient,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            bail!(
+                "task {id} did not finish within {}",
+                humantime::format_duration(timeout)
+            );
+        }
+        let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
+        let ans = client
+            .send::<(), serde_json::Value>(
+                Method::GET,
+                &format!("/tasks/{id}/result?wait={wait}s"),
+                None,
+                Some(Duration::from_secs(wait + 10)),
+            )
+            .await?;
+        if ans.status == reqwest::StatusCode::OK {
+            print_json(&ans.body)?;
+            let ok = ans.body["state"] == "succeeded";
+            return Ok(if ok { 0 } else { 2 });
+        }
+    }
+}
+
+async fn follow_events(client: &CoordinatorClient, id: &str) -> anyhow::Result<u8> {
+    use futures_util::StreamExt;
+    let url = client.base().join(&format!("/tasks/{id}/events"))?;
+    let resp = client
+        .signed(
+            Method::GET,
+            &url,
+            Vec::new(),
+            Duration::from_secs(24 * 3600),
+        )
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        bail!("{status}: {body}");
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let mut event = "message";
+            let mut data = String::new();
+            for line in frame.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = if e.trim() == "end" { "end" } else { "data" };
+                }
+                if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if !data.is_empty() {
+                println!("{data}");
+            }
+            if event == "end" {
+                return Ok(0);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `edgecoder status`.
+///
+/// # Errors
+/// Connection errors.
+pub async fn status(conn: ConnectArgs) -> anyhow::Result<u8> {
+    let client = connect(&conn)?;
+    let url = client.base().join("/status")?;
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(url.clone())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url}"))?
+        .json()
+        .await?;
+    if conn.json {
+        print_json(&v)?;
+        return Ok(0);
+    }
+    println!("node        {}", v["node_id"].as_str().unwrap_or("?"));
+    println!(
+        "state       {}",
+        if v["operational"] == true {
+            "operational"
+        } else {
+            "starting"
+        }
+    );
+    println!("version     {}", v["version"].as_str().unwrap_or("?"));
+    println!(
+        "uptime      {:.0}s",
+        v["uptime_secs"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(ports) = v["ports"].as_object() {
+        for (name, addr) in ports {
+            println!("{:<11} {}", name, addr.as_str().unwrap_or("?"));
+        }
+    }
+    let q = &v["queue"];
+    println!(
+        "tasks       {} queued, {} leased, {} running",
+        q["queued"], q["leased"], q["running"]
+    );
+    println!("agents      {}", v["agents"]);
+    let w = &v["worker"];
+    println!(
+        "worker      {} (pid {}, {} restarts)",
+        if w["registered"] == true {
+            "registered"
+        } else {
+            "not registered"
+        },
+        w["pid"],
+        w["restarts"]
+    );
+    Ok(0)
+}
+
+/// Turns client errors into a readable message for the CLI.
+pub fn describe(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Transport { url, .. }) => {
+            format!("cannot reach the node at {url}; is `edgecoder run` running?")
+        }
+        _ => format!("{e:#}"),
+    }
+}

@@ -1,0 +1,248 @@
+//! The coordinator (:4301): the durable task queue, the agent registry, and (later) the mesh
+//! endpoints.
+//!
+//! # What it owns
+//! Tasks, their events and results, and registered agents ([`state::CoordinatorState`]); the
+//! background loop that expires leases and deadlines and reaps agents that stopped
+//! heartbeating; the request verifier in front of every route that has a caller.
+//!
+//! # Who calls it
+//! Agents (the local worker included) and clients over signed HTTP (see `docs/api/coordinator.md`);
+//! `node.rs` calls [`spawn`] once. Other services get a [`state::CoordinatorState`] handle.
+
+mod error;
+pub mod model;
+pub mod queue;
+mod routes;
+pub mod state;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use self::error::CoordinatorError;
+pub use self::routes::IdentityView;
+use self::state::{CoordinatorState, StateConfig};
+use crate::config::Config;
+use crate::health::NodeHealth;
+use crate::identity::{Identity, KeyId};
+use crate::metrics::{Metrics, ProcessMetrics};
+use crate::security::nonce::NonceCache;
+use crate::security::ratelimit::RateLimits;
+use crate::security::{KeyResolver, Role, Verifier, VerifierConfig};
+use crate::store::{Store, StoreError};
+
+/// How often replay-cache entries and idle rate-limit buckets are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often finished tasks past their retention are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Keys the coordinator knows: its node, admitted agents, allowed clients.
+#[derive(Debug)]
+pub struct CoordinatorKeys {
+    node: KeyId,
+    agents: HashSet<KeyId>,
+    clients: HashSet<KeyId>,
+}
+
+impl KeyResolver for CoordinatorKeys {
+    fn resolve(&self, key: &KeyId) -> Option<Role> {
+        if *key == self.node {
+            Some(Role::Node)
+        } else if self.agents.contains(key) {
+            Some(Role::Agent)
+        } else if self.clients.contains(key) {
+            Some(Role::Client)
+        } else {
+            None
+        }
+    }
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    /// Handle to its state.
+    pub state: CoordinatorState,
+    /// Its routes.
+    pub router: Router,
+    /// Its request verifier (for counters).
+    pub verifier: Arc<Verifier>,
+}
+
+/// Builds the coordinator, restores its queue from the store and starts its background loops
+/// (owned by `tracker`, stopped by `token`).
+///
+/// # Errors
+/// Store failures while restoring.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn(
+    cfg: &Config,
+    store: Store,
+    identity: &Identity,
+    local_worker: Option<KeyId>,
+    health: Arc<NodeHealth>,
+    process: Arc<ProcessMetrics>,
+    limits: Arc<RateLimits>,
+    tracker: &TaskTracker,
+    token: CancellationToken,
+) -> Result<Coordinator, StoreError> {
+    let state = CoordinatorState::load(
+        StateConfig {
+            coordinator: cfg.coordinator.clone(),
+            heartbeat_interval: cfg.worker.heartbeat_interval,
+        },
+        store.clone(),
+        health.clone(),
+        local_worker,
+        token.clone(),
+    )?;
+    let mut agents: HashSet<KeyId> = cfg.coordinator.agent_keys.iter().copied().collect();
+    agents.extend(local_worker);
+    let keys = CoordinatorKeys {
+        node: identity.key_id(),
+        agents,
+        clients: cfg.coordinator.client_keys.iter().copied().collect(),
+    };
+    let now_s = crate::clock::now_ms() / 1000;
+    let nonces = NonceCache::load(store.clone(), cfg.security.nonce_cache_max, now_s)?;
+    let verifier = Arc::new(Verifier::new(
+        VerifierConfig {
+            window: cfg.security.signature_window,
+            skew: cfg.security.clock_skew,
+            max_body: usize::try_from(cfg.http.max_body).unwrap_or(usize::MAX),
+        },
+        nonces,
+        limits.clone(),
+        Arc::new(keys),
+        Some(store),
+    ));
+    let mut registry = Registry::default();
+    state.register_metrics(&mut registry);
+    verifier.register_metrics(&mut registry, "edgecoder_coordinator_auth");
+    let metrics = Metrics::new(registry, process);
+
+    let ctx = routes::Ctx {
+        state: state.clone(),
+        health,
+        identity: Arc::new(IdentityView {
+            node_id: identity.node_id().to_string(),
+            ed25519: identity.key_id().to_string(),
+            x25519: URL_SAFE_NO_PAD.encode(identity.x25519_public().as_bytes()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }),
+    };
+
+    let quick = Router::new()
+        .route("/tasks", post(routes::submit).get(routes::list))
+        .route("/tasks/{id}", get(routes::get).delete(routes::cancel))
+        .route("/tasks/{id}/events", post(routes::post_events))
+        .route("/tasks/{id}/result", post(routes::post_result))
+        .route("/agents/register", post(routes::register))
+        .route("/agents/heartbeat", post(routes::heartbeat))
+        .route("/agents", get(routes::agents))
+        .layer(axum::middleware::from_fn_with_state(
+            cfg.http.request_timeout,
+            crate::http::time_limit,
+        ));
+    // Long polls and streams bound their own time with `wait` (at most coordinator.max_wait).
+    let waiting = Router::new()
+        .route("/tasks/{id}/result", get(routes::result))
+        .route("/tasks/{id}/events", get(routes::events))
+        .route("/agents/claim", post(routes::claim));
+    let signed = quick
+        .merge(waiting)
+        .layer(axum::middleware::from_fn_with_state(
+            verifier.clone(),
+            crate::security::authenticate,
+        ));
+    let metrics_state = state.clone();
+    let open = Router::new()
+        .route("/health", get(routes::health))
+        .route("/status", get(routes::status))
+        .route("/identity", get(routes::identity))
+        .route(
+            "/metrics",
+            get(move || {
+                metrics_state.refresh_gauges();
+                crate::http::metrics_handler(axum::extract::State(metrics.clone()))
+            }),
+        );
+    let router = signed
+        .merge(open)
+        .with_state(ctx)
+        .fallback(crate::http::not_found_fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            crate::http::limit_by_ip,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            usize::try_from(cfg.http.max_body).unwrap_or(usize::MAX),
+        ));
+
+    let agent_check = (cfg.coordinator.agent_timeout / 3).max(Duration::from_millis(100));
+    tracker.spawn(reaper(state.clone(), agent_check, token.clone()));
+    tracker.spawn(sweeper(state.clone(), verifier.clone(), token));
+    Ok(Coordinator {
+        state,
+        router,
+        verifier,
+    })
+}
+
+/// Expires leases and deadlines when they lapse and reaps silent agents; sleeps until the next
+/// thing is due, so an idle node wakes only every `agent_check`.
+async fn reaper(state: CoordinatorState, agent_check: Duration, token: CancellationToken) {
+    loop {
+        let next = match state.tick().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "coordinator.reaper tick failed");
+                None
+            }
+        };
+        let now = crate::clock::now_ms();
+        let until_next = next.map_or(agent_check, |t| {
+            Duration::from_millis(t.saturating_sub(now))
+        });
+        let sleep = until_next.clamp(Duration::from_millis(5), agent_check);
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = token.cancelled() => return,
+        }
+    }
+}
+
+async fn sweeper(state: CoordinatorState, verifier: Arc<Verifier>, token: CancellationToken) {
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since_purge = PURGE_INTERVAL;
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {}
+            _ = token.cancelled() => return,
+        }
+        verifier.nonces().prune(crate::clock::now_ms() / 1000);
+        since_purge += SWEEP_INTERVAL;
+        if since_purge >= PURGE_INTERVAL {
+            since_purge = Duration::ZERO;
+            match state.purge_old().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    tasks = n,
+                    "coordinator.purge removed finished tasks past retention"
+                ),
+                Err(e) => tracing::warn!(error = %e, "coordinator.purge failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! Coordinator HTTP handlers: extract, call [`CoordinatorState`], map errors. Nothing else.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use super::error::CoordinatorError;
+use super::model::*;
+use super::state::{CoordinatorState, ResultWait, Subscription};
+use crate::health::NodeHealth;
+use crate::http::{ApiError, JsonBody};
+use crate::security::{Auth, Role};
+
+/// State for the handlers.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    /// The coordinator.
+    pub state: CoordinatorState,
+    /// Node health.
+    pub health: Arc<NodeHealth>,
+    /// This node's public identity.
+    pub identity: Arc<IdentityView>,
+}
+
+/// `GET /identity`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct IdentityView {
+    /// Node id.
+    pub node_id: String,
+    /// ed25519 public key (base64url), the `keyid` of the node's signatures.
+    pub ed25519: String,
+    /// x25519 public key (base64url) for envelopes addressed to this node.
+    pub x25519: String,
+    /// Software version.
+    pub version: String,
+}
+
+fn parse_id(s: &str) -> Result<TaskId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_task_id", format!("{e}")))
+}
+
+fn parse_wait(w: Option<&str>) -> Result<Duration, ApiError> {
+    match w {
+        None => Ok(Duration::ZERO),
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|e| ApiError::bad_request(format!("wait {w:?}: {e} (use e.g. \"30s\")"))),
+    }
+}
+
+/// `POST /tasks`.
+pub async fn submit(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    headers: HeaderMap,
+    JsonBody(mut req): JsonBody<SubmitTask>,
+) -> Result<Response, Response> {
+    if let Some(h) = headers.get("idempotency-key") {
+        let k = h
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Idempotency-Key must be text").into_response())?;
+        match &req.idempotency_key {
+            Some(body_key) if body_key != k => {
+                return Err(ApiError::bad_request(
+                    "Idempotency-Key header and idempotency_key field differ",
+                )
+                .into_response());
+            }
+            _ => req.idempotency_key = Some(k.to_string()),
+        }
+    }
+    let (view, created) = ctx
+        .state
+        .submit(&p, req)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+/// Query of `GET /tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /tasks`.
+pub async fn list(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<TaskList>, Response> {
+    let state = q
+        .state
+        .as_deref()
+        .map(str::parse::<TaskState>)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e).into_response())?;
+    let after = q
+        .after
+        .as_deref()
+        .map(parse_id)
+        .transpose()
+        .map_err(IntoResponse::into_response)?;
+    ctx.state
+        .list(&p, state, after, q.limit.unwrap_or(100))
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// `GET /tasks/{id}`.
+pub async fn get(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    ctx.state
+        .get(&p, id)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// Query with an optional `wait`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    wait: Option<String>,
+}
+
+/// `GET /tasks/{id}/result?wait=`.
+pub async fn result(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    let wait = parse_wait(q.wait.as_deref()).map_err(IntoResponse::into_response)?;
+    match ctx.state.result(&p, id, wait).await {
+        Ok(ResultWait::Done(r)) => Ok((StatusCode::OK, Json(r)).into_response()),
+        Ok(ResultWait::Pending(pv)) => Ok((StatusCode::ACCEPTED, Json(pv)).into_response()),
+        Err(e) => Err(e.into_response()),
+    }
+}
+
+/// `DELETE /tasks/{id}`.
+pub async fn cancel(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    ctx.state
+        .cancel(&p, id)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// Query of the events stream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    after: Option<u32>,
+}
+
+/// `GET /tasks/{id}/events`: Server-Sent Events. Each event's `id` is its sequence number, so a
+/// client that reconnects with `Last-Event-ID` resumes where it stopped. The stream ends with an
+/// `end` event once the task has finished.
+pub async fn events(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        Some(v) => v.trim().parse::<u32>().map_err(|_| {
+            ApiError::bad_request("Last-Event-ID must be an event sequence number").into_response()
+        })?,
+        None => q.after.unwrap_or(0),
+    };
+    let sub = ctx
+        .state
+        .subscribe(&p, id, after)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let stream = EventStream {
+        state: ctx.state.clone(),
+        principal: p,
+        id,
+        last: after,
+        backlog: sub.backlog.into(),
+        live: sub.live,
+        ended: false,
+        final_state: None,
+    };
+    Ok(
+        Sse::new(futures_util::stream::unfold(stream, EventStream::next))
+            .keep_alive(KeepAlive::default()),
+    )
+}
+
+struct EventStream {
+    state: CoordinatorState,
+    principal: crate::security::Principal,
+    id: TaskId,
+    last: u32,
+    backlog: std::collections::VecDeque<TaskEvent>,
+    live: Option<broadcast::Receiver<TaskEvent>>,
+    ended: bool,
+    /// The state named by the last state event sent.
+    final_state: Option<String>,
+}
+
+impl EventStream {
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        loop {
+            if let Some(ev) = self.backlog.pop_front() {
+                if ev.seq <= self.last {
+                    continue;
+                }
+                self.last = ev.seq;
+                if ev.kind == EventKind::State {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data) {
+                        self.final_state = v["state"].as_str().map(str::to_string);
+                    }
+                }
+                return Some((Ok(sse_event(&ev)), self));
+            }
+            if let Some(live) = self.live.as_mut() {
+                match live.recv().await {
+                    Ok(ev) => {
+                        self.backlog.push_back(ev);
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind the live channel: catch up from history, then follow again.
+                        match self
+                            .state
+                            .subscribe(&self.principal, self.id, self.last)
+                            .await
+                        {
+                            Ok(Subscription { backlog, live }) => {
+                                self.backlog = backlog.into();
+                                self.live = live;
+                            }
+                            Err(_) => self.live = None,
+                        }
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        self.live = None;
+                        continue;
+                    }
+                }
+            }
+            if self.ended {
+                return None;
+            }
+            self.ended = true;
+            let state = match self.final_state.take() {
+                Some(s) => s,
+                None => self
+                    .state
+                    .get(&self.principal, self.id)
+                    .await
+                    .map(|v| v.state.as_str().to_string())
+                    .unwrap_or_else(|_| "unknown".into()),
+            };
+            let end = Event::default()
+                .event("end")
+                .data(serde_json::json!({ "state": state }).to_string());
+            return Some((Ok(end), self));
+        }
+    }
+}
+
+fn sse_event(ev: &TaskEvent) -> Event {
+    let view = EventView::from(ev);
+    Event::default()
+        .id(ev.seq.to_string())
+        .event(ev.kind.as_str())
+        .data(serde_json::to_string(&view).unwrap_or_default())
+}
+
+/// `POST /agents/register`.
+pub async fn register(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    JsonBody(req): JsonBody<RegisterAgent>,
+) -> Result<Json<Registered>, CoordinatorError> {
+    ctx.state.register(&p, req).await.map(Json)
+}
+
+/// `POST /agents/heartbeat`.
+pub async fn heartbeat(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    JsonBody(req): JsonBody<Heartbeat>,
+) -> Result<Json<HeartbeatReply>, CoordinatorError> {
+    ctx.state.heartbeat(&p, &req).map(Json)
+}
+
+/// `POST /agents/claim?wait=`.
+pub async fn claim(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Query(q): Query<WaitQuery>,
+    JsonBody(req): JsonBody<Claim>,
+) -> Result<Json<ClaimReply>, Response> {
+    let wait = parse_wait(q.wait.as_deref()).map_err(IntoResponse::into_response)?;
+    ctx.state
+        .claim(&p, &req, wait)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// `GET /agents`.
+pub async fn agents(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+) -> Result<Json<Vec<AgentView>>, CoordinatorError> {
+    if p.role != Role::Node {
+        return Err(CoordinatorError::Forbidden("list agents"));
+    }
+    Ok(Json(ctx.state.agents()))
+}
+
+/// `POST /tasks/{id}/events`.
+pub async fn post_events(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<PostEvents>,
+) -> Result<Json<EventsAccepted>, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    ctx.state
+        .post_events(&p, id, req)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// `POST /tasks/{id}/result`.
+pub async fn post_result(
+    State(ctx): State<Ctx>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<PostResult>,
+) -> Result<Json<ResultAccepted>, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    ctx.state
+        .post_result(&p, id, req)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
+}
+
+/// `GET /health`.
+pub async fn health(State(ctx): State<Ctx>) -> Json<crate::health::HealthView> {
+    Json(ctx.health.view("coordinator"))
+}
+
+/// `GET /status`.
+pub async fn status(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+    let (counts, agents) = ctx.state.counts();
+    Json(serde_json::json!({
+        "service": "coordinator",
+        "node_id": ctx.health.node_id.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": ctx.health.uptime_secs(),
+        "operational": ctx.health.operational(),
+        "queue": counts,
+        "agents": agents,
+        "worker": ctx.health.worker(),
+        "ports": ctx.health.ports(),
+    }))
+}
+
+/// `GET /identity`.
+pub async fn identity(State(ctx): State<Ctx>) -> Json<IdentityView> {
+    Json((*ctx.identity).clone())
+}

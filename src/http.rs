@@ -1,0 +1,307 @@
+//! HTTP plumbing shared by every port: the error body, JSON extraction with stable error codes,
+//! the per-IP rate limit, request timeouts, `/metrics`, and serving with graceful shutdown.
+//!
+//! Services build their own routers; this module only holds what would otherwise be copied into
+//! each of them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::security::ratelimit::RateLimits;
+
+/// An error as every service returns it: `{"error": {"code": "...", "message": "..."}}` with a
+/// status, and `Retry-After` where waiting helps.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation; never internal details for unauthenticated callers.
+    pub message: String,
+    /// Seconds to wait before retrying, for 429 and 503.
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a Retry-After.
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
+    /// 400 `invalid_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 500 `internal`: details go to the log, not to the caller.
+    pub fn internal(err: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the node's log",
+        )
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorInner<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorInner<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorBody {
+            error: ErrorInner {
+                code: self.code,
+                message: &self.message,
+            },
+        })
+        .unwrap_or_default();
+        let mut resp = (self.status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(d) = self.retry_after {
+            // Round up: "retry after 0 seconds" would invite an immediate retry that fails again.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                h.insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+/// A JSON body whose problems come back as [`ApiError`]s: 413 `body_too_large`, 400
+/// `malformed_json` (not JSON at all), 400 `invalid_request` (JSON of the wrong shape, unknown
+/// fields), 415 `unsupported_media_type`.
+#[derive(Debug, Clone)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let ct_ok = match req.headers().get(header::CONTENT_TYPE) {
+            None => true,
+            Some(v) => v
+                .to_str()
+                .map(|s| s.starts_with("application/json"))
+                .unwrap_or(false),
+        };
+        if !ct_ok {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                body_too_large()
+            } else {
+                ApiError::bad_request(format!("could not read the body: {e}"))
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses JSON with the same error mapping as [`JsonBody`].
+///
+/// # Errors
+/// 400 `malformed_json` or `invalid_request`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("body is not valid JSON: {e}"),
+            ),
+            Category::Data => ApiError::bad_request(format!("invalid request: {e}")),
+        }
+    })
+}
+
+/// 413 `body_too_large`.
+pub fn body_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        "request body is larger than http.max_body",
+    )
+}
+
+/// Middleware: the pre-authentication per-IP rate limit. Uses the socket's peer address only;
+/// forwarded-for headers are never trusted.
+pub async fn limit_by_ip(
+    State(limits): State<Arc<RateLimits>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match limits.check_ip(peer.ip()) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this address",
+        )
+        .retry_after(wait)
+        .into_response(),
+    }
+}
+
+/// Middleware: bounds the time a handler may take.
+pub async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took longer than http.request_timeout",
+        )
+        .retry_after(Duration::from_secs(1))
+        .into_response(),
+    }
+}
+
+/// `GET /metrics` for a service: its own registry plus process-wide figures.
+pub async fn metrics_handler(State(m): State<Arc<Metrics>>) -> Response {
+    let text = m.render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// A fallback for unknown paths, in the common error shape.
+pub async fn not_found_fallback() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+/// Binds a listener with a clear error.
+///
+/// # Errors
+/// The bind failure, naming the service and address.
+pub async fn bind(service: &str, addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (is another edgecoder running? use --data-dir and ports, or --host, to run several)"
+        } else {
+            ""
+        };
+        std::io::Error::new(
+            e.kind(),
+            format!("{service}: cannot listen on {addr}: {e}{hint}"),
+        )
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then stops accepting and lets
+/// in-flight requests finish.
+///
+/// # Errors
+/// Accept-loop failures.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
+/// Wraps a body for re-insertion after a middleware buffered it.
+pub fn body_from(bytes: Bytes) -> Body {
+    Body::from(bytes)
+}
+
+/// The endpoints every port serves: `GET /health`, `GET /status` (the service's own JSON merged
+/// with the node's common fields) and `GET /metrics`, with the per-IP limit and the JSON 404.
+pub fn base_router(
+    service: &'static str,
+    health: Arc<crate::health::NodeHealth>,
+    metrics: Arc<Metrics>,
+    limits: Arc<RateLimits>,
+    status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+) -> Router {
+    use axum::routing::get;
+    let h = health.clone();
+    let health_route = get(move || {
+        let h = h.clone();
+        async move { axum::Json(h.view(service)) }
+    });
+    let status_route = get(move || {
+        let health = health.clone();
+        let status = status.clone();
+        async move {
+            let mut v = serde_json::json!({
+                "service": service,
+                "node_id": health.node_id.to_string(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_secs": health.uptime_secs(),
+                "operational": health.operational(),
+                "worker": health.worker(),
+            });
+            if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), status()) {
+                obj.extend(extra);
+            }
+            axum::Json(v)
+        }
+    });
+    Router::new()
+        .route("/health", health_route)
+        .route("/status", status_route)
+        .route("/metrics", get(metrics_handler).with_state(metrics))
+        .fallback(not_found_fallback)
+        .layer(axum::middleware::from_fn_with_state(limits, limit_by_ip))
+}

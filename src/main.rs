@@ -1,0 +1,113 @@
+//! `edgecoder`: parse the command line, set up logging, dispatch.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use edgecoder::cli::{Cli, Command};
+use edgecoder::config::Config;
+use tokio_util::sync::CancellationToken;
+
+fn init_logging(filter: &str) {
+    // Under systemd (JOURNAL_STREAM set) journald adds timestamps; colours would be noise.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(!journald && std::env::var_os("NO_COLOR").is_none());
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgecoder: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let result: anyhow::Result<u8> = rt.block_on(async move {
+        match cli.command {
+            Command::Run(args) => {
+                let (cfg, file) = match Config::load(&args.overrides(), &env) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("edgecoder: {e}");
+                        return Ok(edgecoder::EXIT_CONFIG);
+                    }
+                };
+                init_logging(&cfg.log);
+                if let Some(f) = file {
+                    tracing::info!(file = %f.display(), "configuration loaded");
+                }
+                let exe = std::env::current_exe()?;
+                edgecoder::node::run(cfg, exe, CancellationToken::new()).await?;
+                Ok(0)
+            }
+            Command::Worker(w) => {
+                init_logging(&w.log);
+                let stop = CancellationToken::new();
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut t) =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        t.recv().await;
+                        s.cancel();
+                    }
+                });
+                let args = edgecoder::worker::WorkerArgs {
+                    coordinator: w.coordinator,
+                    key_file: w.key,
+                    slots: w.slots,
+                    parent_pid: w.parent_pid,
+                };
+                edgecoder::worker::run(args, stop, w.grace).await?;
+                Ok(0)
+            }
+            Command::Task(t) => edgecoder::cli::task(t).await,
+            Command::Status(c) => edgecoder::cli::status(c).await,
+            Command::Keygen { out } => {
+                let (id, created) = edgecoder::identity::Identity::load_or_create(&out)?;
+                println!("{}", id.key_id());
+                eprintln!(
+                    "{} {} (node id {})",
+                    if created { "created" } else { "read" },
+                    out.display(),
+                    id.node_id()
+                );
+                Ok(0)
+            }
+            Command::CheckConfig(args) => match Config::load(&args.overrides(), &env) {
+                Ok((cfg, file)) => {
+                    println!(
+                        "configuration OK ({})",
+                        file.map_or("defaults".into(), |f| f.display().to_string())
+                    );
+                    println!("{cfg:#?}");
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("edgecoder: {e}");
+                    Ok(edgecoder::EXIT_CONFIG)
+                }
+            },
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("edgecoder: {}", edgecoder::cli::describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

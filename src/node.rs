@@ -1,0 +1,401 @@
+//! Boot and shutdown of a node: the only place that wires services together.
+//!
+//! Boot (DESIGN.md §4): lock the data directory, open the store, load or create the node key and
+//! the local worker's key, build the services, bind all four listeners (failing fast, naming the
+//! port, if one is taken), write `node.json` (pid and bound addresses, for the CLI and tests), start
+//! serving, spawn the worker, start background loops, then tell systemd `READY=1` and start the
+//! watchdog. `/health` says "ok" once the worker has registered.
+//!
+//! Shutdown on SIGTERM or SIGINT: `STOPPING=1`; stop accepting and give in-flight requests
+//! `http.drain_timeout`; stop the worker (SIGTERM, `worker.stop_grace`, SIGKILL); stop background
+//! loops; let the store writer commit its last batch; remove `node.json`; exit 0. A service task
+//! that ends on its own is fatal: the node shuts down the same way and exits non-zero, so systemd
+//! restarts it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::health::NodeHealth;
+use crate::identity::{Identity, IdentityError};
+use crate::metrics::ProcessMetrics;
+use crate::security::ratelimit::RateLimits;
+use crate::store::{Store, StoreError};
+use crate::systemd::Notifier;
+use crate::worker::supervisor::{SupervisorConfig, supervise};
+
+/// How often idle rate-limit buckets are dropped.
+const LIMITER_SWEEP: Duration = Duration::from_secs(60);
+
+/// Boot and runtime failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Another process holds the data directory.
+    #[error("data directory {0} is in use by another edgecoder node (see its node.json)")]
+    Locked(PathBuf),
+    /// File system trouble with the data directory.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A key could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Bind(std::io::Error),
+    /// A service stopped on its own.
+    #[error("service {service} stopped unexpectedly: {reason}")]
+    ServiceDied {
+        /// Which.
+        service: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Runtime information written to `<data_dir>/node.json` while the node runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node process id.
+    pub pid: u32,
+    /// Node id.
+    pub node_id: String,
+    /// Coordinator address.
+    pub coordinator: SocketAddr,
+    /// Inference address.
+    pub inference: SocketAddr,
+    /// Control plane address.
+    pub control_plane: SocketAddr,
+    /// IDE provider address.
+    pub ide: SocketAddr,
+    /// When the node started (ms since the epoch).
+    pub started_ms: u64,
+}
+
+impl NodeInfo {
+    /// Reads `node.json` from a data directory.
+    ///
+    /// # Errors
+    /// Missing or unreadable file.
+    pub fn read(data_dir: &Path) -> std::io::Result<NodeInfo> {
+        let text = std::fs::read_to_string(data_dir.join("node.json"))?;
+        serde_json::from_str(&text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// The URL clients on this machine use for the coordinator.
+    pub fn coordinator_url(&self) -> String {
+        format!("http://{}", local_addr(self.coordinator))
+    }
+}
+
+/// Where a client on this machine reaches a listener: the wildcard address becomes loopback.
+pub fn local_addr(a: SocketAddr) -> SocketAddr {
+    if a.ip().is_unspecified() {
+        let ip = match a.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+        SocketAddr::new(ip, a.port())
+    } else {
+        a
+    }
+}
+
+/// The node's key file in a data directory.
+pub fn identity_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("identity.key")
+}
+
+/// The local worker's key file in a data directory.
+pub fn worker_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("worker").join("agent.key")
+}
+
+/// Holds an exclusive lock on the data directory for the life of the node.
+struct DirLock {
+    // Held, never read: the flock lasts as long as the descriptor stays open.
+    _file: std::fs::File,
+}
+
+fn lock_data_dir(dir: &Path) -> Result<DirLock, NodeError> {
+    let io = |source| NodeError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("node.lock"))
+        .map_err(io)?;
+    use std::os::fd::AsRawFd;
+    #[allow(unsafe_code)]
+    // SAFETY: flock on a file descriptor we own; no memory is shared.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(NodeError::Locked(dir.to_path_buf()));
+    }
+    Ok(DirLock { _file: f })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Runs a node until SIGTERM/SIGINT (or `stop` is cancelled). `exe` is the binary to run the
+/// worker with (normally our own).
+///
+/// # Errors
+/// Boot failures, or a service that stopped on its own.
+pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(), NodeError> {
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let notifier = Notifier::from_env();
+    let store = Store::open(&cfg.data_dir.join("store"), &cfg.store)?;
+    let (identity, created) = Identity::load_or_create(&identity_path(&cfg.data_dir))?;
+    if created {
+        tracing::info!(node_id = %identity.node_id(), "node.boot created a new node identity");
+    }
+    let worker_key = if cfg.worker.enabled {
+        let (k, _) = Identity::load_or_create(&worker_key_path(&cfg.data_dir))?;
+        Some(k.key_id())
+    } else {
+        None
+    };
+    let health = Arc::new(NodeHealth::new(identity.node_id(), cfg.worker.enabled));
+    let process = ProcessMetrics::new(Some(store.clone()));
+    let limits = Arc::new(RateLimits::new(
+        cfg.security.per_ip_rate,
+        cfg.security.per_ip_burst,
+        cfg.security.per_key_rate,
+        cfg.security.per_key_burst,
+    ));
+
+    // Tokens: `services` stops background loops and long polls; `serve` stops accepting.
+    let tracker = TaskTracker::new();
+    let services = CancellationToken::new();
+    let serve = CancellationToken::new();
+    let worker_token = CancellationToken::new();
+
+    let coordinator = crate::coordinator::spawn(
+        &cfg,
+        store.clone(),
+        &identity,
+        worker_key,
+        health.clone(),
+        process.clone(),
+        limits.clone(),
+        &tracker,
+        services.clone(),
+    )?;
+    let routers = [
+        (
+            "coordinator",
+            cfg.addr(&cfg.coordinator.listen),
+            coordinator.router,
+        ),
+        (
+            "inference",
+            cfg.addr(&cfg.inference),
+            crate::inference::router(health.clone(), process.clone(), limits.clone()),
+        ),
+        (
+            "control_plane",
+            cfg.addr(&cfg.control_plane),
+            crate::control_plane::router(health.clone(), process.clone(), limits.clone()),
+        ),
+        (
+            "ide",
+            cfg.addr(&cfg.ide),
+            crate::ide::router(health.clone(), process.clone(), limits.clone()),
+        ),
+    ];
+    let mut bound: Vec<(&'static str, TcpListener, axum::Router)> = Vec::new();
+    for (name, addr, router) in routers {
+        let l = crate::http::bind(name, addr)
+            .await
+            .map_err(NodeError::Bind)?;
+        let local = l.local_addr().map_err(NodeError::Bind)?;
+        health.set_port(name, local);
+        bound.push((name, l, router));
+    }
+    let ports = health.ports();
+    let info = NodeInfo {
+        pid: std::process::id(),
+        node_id: identity.node_id().to_string(),
+        coordinator: ports["coordinator"],
+        inference: ports["inference"],
+        control_plane: ports["control_plane"],
+        ide: ports["ide"],
+        started_ms: crate::clock::now_ms(),
+    };
+    let info_path = cfg.data_dir.join("node.json");
+    write_atomic(
+        &info_path,
+        &serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(|source| NodeError::DataDir {
+        path: info_path.clone(),
+        source,
+    })?;
+
+    // A service that stops while nobody asked it to is fatal.
+    let (died_tx, mut died_rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(8);
+    let mut servers = Vec::new();
+    for (name, listener, router) in bound {
+        let token = serve.clone();
+        let died = died_tx.clone();
+        servers.push(tokio::spawn(async move {
+            let r = crate::http::serve(listener, router, token.clone()).await;
+            if !token.is_cancelled() {
+                let reason = match r {
+                    Ok(()) => "listener closed".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let _ = died.send((name, reason)).await;
+            }
+        }));
+    }
+
+    let supervisor = if cfg.worker.enabled {
+        let args = vec![
+            "worker".to_string(),
+            "--coordinator".into(),
+            info.coordinator_url(),
+            "--key".into(),
+            worker_key_path(&cfg.data_dir).display().to_string(),
+            "--slots".into(),
+            cfg.worker.slots.to_string(),
+            "--parent-pid".into(),
+            std::process::id().to_string(),
+            "--log".into(),
+            cfg.log.clone(),
+        ];
+        let sc = SupervisorConfig {
+            exe,
+            args,
+            backoff_min: cfg.worker.restart_backoff_min,
+            backoff_max: cfg.worker.restart_backoff_max,
+            stop_grace: cfg.worker.stop_grace,
+        };
+        Some(tokio::spawn(supervise(
+            sc,
+            health.clone(),
+            worker_token.clone(),
+        )))
+    } else {
+        None
+    };
+
+    {
+        let limits = limits.clone();
+        let token = services.clone();
+        tracker.spawn(async move {
+            let mut t = tokio::time::interval(LIMITER_SWEEP);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = t.tick() => limits.retain_recent(),
+                    _ = token.cancelled() => return,
+                }
+            }
+        });
+    }
+    if let Some(every) = notifier.watchdog_interval() {
+        let token = services.clone();
+        let n = Notifier::from_env();
+        tracker.spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = t.tick() => n.notify("WATCHDOG=1"),
+                    _ = token.cancelled() => return,
+                }
+            }
+        });
+    }
+    notifier.notify("READY=1");
+    tracing::info!(
+        node_id = %identity.node_id(),
+        coordinator = %info.coordinator,
+        inference = %info.inference,
+        control_plane = %info.control_plane,
+        ide = %info.ide,
+        data_dir = %cfg.data_dir.display(),
+        "node ready"
+    );
+
+    let mut outcome = Ok(());
+    tokio::select! {
+        _ = wait_for_signal() => tracing::info!("node.shutdown signal received"),
+        _ = stop.cancelled() => tracing::info!("node.shutdown requested"),
+        Some((service, reason)) = died_rx.recv() => {
+            tracing::error!(service, %reason, "node.shutdown service died");
+            outcome = Err(NodeError::ServiceDied { service, reason });
+        }
+    }
+
+    notifier.notify("STOPPING=1");
+    health.set_stopping();
+    services.cancel();
+    serve.cancel();
+    let drain = async {
+        for s in servers {
+            let _ = s.await;
+        }
+    };
+    if tokio::time::timeout(cfg.http.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("node.shutdown in-flight requests did not finish within http.drain_timeout");
+    }
+    worker_token.cancel();
+    if let Some(s) = supervisor {
+        let _ = s.await;
+    }
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("node.shutdown background tasks did not stop in time");
+    }
+    store.close().await;
+    let _ = std::fs::remove_file(&info_path);
+    tracing::info!("node stopped");
+    outcome
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the node can still be stopped by its token; wait forever here.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
