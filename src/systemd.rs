@@ -44,10 +44,10 @@ impl Notifier {
 
     /// Sends one notification (e.g. `READY=1`); failures are logged, never fatal.
     pub fn notify(&self, msg: &str) {
-        if let Some((sock, addr)) = &self.target {
-            if let Err(e) = sock.send_to_addr(msg.as_bytes(), addr) {
-                tracing::warn!(error = %e, "systemd.notify failed");
-            }
+        if let Some((sock, addr)) = &self.target
+            && let Err(e) = sock.send_to_addr(msg.as_bytes(), addr)
+        {
+            tracing::warn!(error = %e, "systemd.notify failed");
         }
     }
 

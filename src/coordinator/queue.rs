@@ -546,10 +546,10 @@ impl Queue {
     /// An attempt ended without a result: requeue, or fail/expire when nothing is left.
     fn lapse(&mut self, rec: TaskRecord, reason: &str, now: u64) -> Transition {
         let agent = rec.lease.map(|l| l.agent);
-        if let Some(a) = agent {
-            if let Some(v) = self.pending_cancel.get_mut(&a) {
-                v.retain(|t| *t != rec.id);
-            }
+        if let Some(a) = agent
+            && let Some(v) = self.pending_cancel.get_mut(&a)
+        {
+            v.retain(|t| *t != rec.id);
         }
         self.retry_or_fail(rec, reason.to_string(), now)
     }

@@ -241,10 +241,10 @@ impl EventStream {
                     continue;
                 }
                 self.last = ev.seq;
-                if ev.kind == EventKind::State {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data) {
-                        self.final_state = v["state"].as_str().map(str::to_string);
-                    }
+                if ev.kind == EventKind::State
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data)
+                {
+                    self.final_state = v["state"].as_str().map(str::to_string);
                 }
                 return Some((Ok(sse_event(&ev)), self));
             }

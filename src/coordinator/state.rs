@@ -481,12 +481,12 @@ impl CoordinatorState {
                 c.max_attempts
             )));
         }
-        if let Some(k) = &req.idempotency_key {
-            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
-                return Err(CoordinatorError::Invalid(format!(
-                    "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"
-                )));
-            }
+        if let Some(k) = &req.idempotency_key
+            && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
+        {
+            return Err(CoordinatorError::Invalid(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"
+            )));
         }
         if req
             .requirements
@@ -783,10 +783,10 @@ impl CoordinatorState {
                     let (t, agent) = core.queue.cancel(id, now_ms())?;
                     let mut batch = Batch::default();
                     self.record(&mut core, std::slice::from_ref(&t), &mut batch);
-                    if let Some(a) = agent {
-                        if let Some(entry) = core.agents.get(&a) {
-                            entry.signal.notify_waiters();
-                        }
+                    if let Some(a) = agent
+                        && let Some(entry) = core.agents.get(&a)
+                    {
+                        entry.signal.notify_waiters();
                     }
                     Some((
                         TaskView::from(&t.record),

@@ -262,10 +262,10 @@ pub async fn authenticate(State(v): State<Arc<Verifier>>, req: Request, next: Ne
     let resp = next.run(req).await;
     // The nonce must be durable before the caller can act on the answer; the handler's own
     // writes were queued after it, so this is usually already resolved.
-    if let Some(c) = commit {
-        if let Err(e) = c.await {
-            return ApiError::internal(&e).into_response();
-        }
+    if let Some(c) = commit
+        && let Err(e) = c.await
+    {
+        return ApiError::internal(&e).into_response();
     }
     resp
 }

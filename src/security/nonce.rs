@@ -121,10 +121,10 @@ impl NonceCache {
     ) -> Result<Option<crate::store::Commit<()>>, SigError> {
         let e = (key, nonce);
         let mut inner = self.lock();
-        if let Some(&exp) = inner.live.get(&e) {
-            if exp >= now {
-                return Err(SigError::Replayed);
-            }
+        if let Some(&exp) = inner.live.get(&e)
+            && exp >= now
+        {
+            return Err(SigError::Replayed);
         }
         if inner.live.len() >= self.max {
             prune_locked(&mut inner, now);

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use heed::{Env, MdbError, WithoutTls};
@@ -64,10 +64,7 @@ impl Writer {
                     urgent = true;
                     break;
                 }
-                next = match self.rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-                };
+                next = self.rx.try_recv().ok();
             }
             if urgent || shutdown.is_some() {
                 self.commit(std::mem::take(&mut pending));
