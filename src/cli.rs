@@ -108,6 +108,38 @@ pub enum Command {
     },
     /// Check the configuration and print every problem, or the effective settings.
     CheckConfig(ConfigArgs),
+    /// Measure a real node: boot time, idle memory, task throughput (see docs/PERFORMANCE.md).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+/// `edgecoder bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Time from spawn to fully operational, first boots and restarts.
+    Boot {
+        /// Starts of each kind.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// Resident memory of node and worker after idling.
+    Idle {
+        /// How long to idle first.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+    /// End-to-end probe tasks per second and latency.
+    Throughput {
+        /// Concurrent clients, comma-separated.
+        #[arg(long, default_value = "1,16", value_delimiter = ',')]
+        clients: Vec<usize>,
+        /// Measurement time per client count.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Time before measuring.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+    },
 }
 
 /// `edgecoder worker`.

@@ -192,9 +192,30 @@ pub async fn limit_by_ip(
     }
 }
 
+/// Time limits for requests: `base` for the work itself, plus whatever `wait=` the request asks
+/// for (capped at `max_wait`), so long polls are bounded by their own wait and nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeLimit {
+    /// Limit for a request without `wait`.
+    pub base: Duration,
+    /// Largest `wait` honoured.
+    pub max_wait: Duration,
+}
+
+/// The `wait=` query parameter of a request, if any and valid.
+pub fn query_wait(query: Option<&str>) -> Option<Duration> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("wait="))
+        .and_then(|v| humantime::parse_duration(v).ok())
+}
+
 /// Middleware: bounds the time a handler may take.
-pub async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
+pub async fn time_limit(State(limit): State<TimeLimit>, req: Request, next: Next) -> Response {
+    let wait = query_wait(req.uri().query())
+        .unwrap_or_default()
+        .min(limit.max_wait);
+    match tokio::time::timeout(limit.base + wait, next.run(req)).await {
         Ok(r) => r,
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -16,11 +16,12 @@
 //! * [`worker`] — the worker process and the node's supervisor for it.
 //! * [`inference`], [`control_plane`], [`ide`] — the other three ports.
 //! * [`client`] — signed HTTP client for the coordinator API (worker, CLI, tests).
-//! * [`cli`] — the client-side commands (`task`, `status`, `keygen`).
+//! * [`cli`] — the client-side commands (`task`, `status`, `keygen`); [`bench`] — `edgecoder bench`.
 //! * [`http`], [`metrics`], [`health`], [`systemd`], [`clock`] — shared plumbing.
 //!
 //! The architecture, APIs and operations are documented under `docs/` in the repository.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

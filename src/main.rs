@@ -87,6 +87,25 @@ fn main() -> ExitCode {
                 );
                 Ok(0)
             }
+            Command::Bench(b) => {
+                let exe = std::env::current_exe()?;
+                match b {
+                    edgecoder::cli::BenchCmd::Boot { runs } => {
+                        tokio::task::spawn_blocking(move || edgecoder::bench::boot(&exe, runs))
+                            .await??
+                    }
+                    edgecoder::cli::BenchCmd::Idle { settle } => {
+                        tokio::task::spawn_blocking(move || edgecoder::bench::idle(&exe, settle))
+                            .await??
+                    }
+                    edgecoder::cli::BenchCmd::Throughput {
+                        clients,
+                        duration,
+                        warmup,
+                    } => edgecoder::bench::throughput(&exe, &clients, duration, warmup).await?,
+                }
+                Ok(0)
+            }
             Command::CheckConfig(args) => match Config::load(&args.overrides(), &env) {
                 Ok((cfg, file)) => {
                     println!(

@@ -267,6 +267,31 @@ async fn waits_deadlines_retries_and_attempt_limits() {
         TaskState::Queued | TaskState::Leased | TaskState::Running
     ));
 
+    // Submit and wait in one round trip.
+    let t = c
+        .send::<_, TaskView>(
+            Method::POST,
+            "/tasks?wait=10s",
+            Some(&submit(serde_json::json!({"echo": "sync"}))),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.status.as_u16(), 201);
+    assert_eq!(t.body.state, TaskState::Succeeded);
+    assert_eq!(t.body.result.unwrap().output.unwrap()["echo"], "sync");
+    let t = c
+        .send::<_, TaskView>(
+            Method::POST,
+            "/tasks?wait=100ms",
+            Some(&submit(serde_json::json!({"busy": "2s"}))),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(t.body.result.is_none(), "not finished within the wait");
+    assert!(!t.body.state.is_terminal());
+
     // The deadline wins over a long-running attempt.
     let mut req = submit(serde_json::json!({"busy": "5s"}));
     req.timeout = Some("500ms".into());

@@ -104,6 +104,7 @@ async fn killed_worker_is_restarted_and_its_task_completes_once() {
         outcome: ReportedOutcome::Succeeded {
             output: serde_json::json!("late"),
         },
+        next: None,
     };
     let err = c
         .post::<_, ResultAccepted>(&format!("/tasks/{id}/result"), &late)

@@ -142,25 +142,27 @@ pub fn spawn(
         }),
     };
 
-    let quick = Router::new()
+    let signed = Router::new()
         .route("/tasks", post(routes::submit).get(routes::list))
         .route("/tasks/{id}", get(routes::get).delete(routes::cancel))
         .route("/tasks/{id}/events", post(routes::post_events))
-        .route("/tasks/{id}/result", post(routes::post_result))
+        .route(
+            "/tasks/{id}/result",
+            post(routes::post_result).get(routes::result),
+        )
         .route("/agents/register", post(routes::register))
         .route("/agents/heartbeat", post(routes::heartbeat))
+        .route("/agents/claim", post(routes::claim))
         .route("/agents", get(routes::agents))
         .layer(axum::middleware::from_fn_with_state(
-            cfg.http.request_timeout,
+            crate::http::TimeLimit {
+                base: cfg.http.request_timeout,
+                max_wait: cfg.coordinator.max_wait,
+            },
             crate::http::time_limit,
-        ));
-    // Long polls and streams bound their own time with `wait` (at most coordinator.max_wait).
-    let waiting = Router::new()
-        .route("/tasks/{id}/result", get(routes::result))
+        ))
+        // Event streams last as long as their task; keep-alives detect dead clients.
         .route("/tasks/{id}/events", get(routes::events))
-        .route("/agents/claim", post(routes::claim));
-    let signed = quick
-        .merge(waiting)
         .layer(axum::middleware::from_fn_with_state(
             verifier.clone(),
             crate::security::authenticate,

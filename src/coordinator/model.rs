@@ -426,6 +426,9 @@ pub struct TaskView {
     /// Idempotency key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The result, when a `POST /tasks?wait=` saw the task finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ResultView>,
 }
 
 impl From<&TaskRecord> for TaskView {
@@ -459,6 +462,7 @@ impl From<&TaskRecord> for TaskView {
                 })
                 .collect(),
             idempotency_key: r.idempotency_key.clone(),
+            result: None,
         }
     }
 }
@@ -703,13 +707,23 @@ pub struct PostResult {
     pub attempt: u32,
     /// Outcome.
     pub outcome: ReportedOutcome,
+    /// Claim more work in the same round trip (without waiting): the slot this task used is
+    /// free again. Saves a request and a commit per task for a busy agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Claim>,
 }
 
 /// Answer to a posted result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultAccepted {
     /// The task's state after the report.
     pub state: TaskState,
+    /// Tasks granted through `next`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<ClaimedTask>,
+    /// Tasks to stop now (with `next`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel: Vec<TaskId>,
 }
 
 /// An agent as `GET /agents` shows it.

@@ -57,13 +57,16 @@ fn parse_wait(w: Option<&str>) -> Result<Duration, ApiError> {
     }
 }
 
-/// `POST /tasks`.
+/// `POST /tasks[?wait=]`. With `wait`, the answer also carries the result if the task finishes
+/// within it (one round trip for callers that would wait anyway).
 pub async fn submit(
     State(ctx): State<Ctx>,
     Auth(p): Auth,
     headers: HeaderMap,
+    Query(q): Query<WaitQuery>,
     JsonBody(mut req): JsonBody<SubmitTask>,
 ) -> Result<Response, Response> {
+    let wait = parse_wait(q.wait.as_deref()).map_err(IntoResponse::into_response)?;
     if let Some(h) = headers.get("idempotency-key") {
         let k = h
             .to_str()
@@ -78,11 +81,21 @@ pub async fn submit(
             _ => req.idempotency_key = Some(k.to_string()),
         }
     }
-    let (view, created) = ctx
+    let (mut view, created) = ctx
         .state
         .submit(&p, req)
         .await
         .map_err(IntoResponse::into_response)?;
+    if !wait.is_zero() {
+        match ctx.state.result(&p, view.id, wait).await {
+            Ok(ResultWait::Done(r)) => {
+                view.state = r.state;
+                view.result = Some(r);
+            }
+            Ok(ResultWait::Pending(pv)) => view.state = pv.state,
+            Err(e) => return Err(e.into_response()),
+        }
+    }
     let status = if created {
         StatusCode::CREATED
     } else {

@@ -139,6 +139,26 @@ impl std::fmt::Debug for CoordinatorState {
 struct Batch {
     puts: Vec<(Table, Vec<u8>, Vec<u8>)>,
     deletes: Vec<(Table, Vec<u8>)>,
+    /// Result waiters of tasks this batch finishes; told only once the batch is committed.
+    finished: Vec<watch::Sender<bool>>,
+}
+
+/// A queued batch: its commit, and who to tell when it is durable.
+#[must_use = "a change is only durable once `done` resolves"]
+struct Pending {
+    commit: Commit<()>,
+    finished: Vec<watch::Sender<bool>>,
+}
+
+impl Pending {
+    /// Waits for the commit, then wakes the result waiters of the tasks it finished.
+    async fn done(self) -> Result<(), StoreError> {
+        self.commit.await?;
+        for f in self.finished {
+            let _ = f.send(true);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -420,11 +440,10 @@ impl CoordinatorState {
                         .push((Table::Results, key.clone(), encode(result)));
                     batch.deletes.push((Table::Active, key));
                     if let Some(w) = core.watches.remove(&id) {
-                        // Dropping the live sender ends every stream after its last event;
-                        // result waiters re-read the store behind a barrier.
-                        if let Some(done) = w.done {
-                            let _ = done.send(true);
-                        }
+                        // Dropping the live sender ends every stream after its last event.
+                        // Result waiters are woken after the commit (see `Pending`); if that
+                        // never comes, the dropped sender wakes them and they re-read the store.
+                        batch.finished.extend(w.done);
                     }
                     if let Some(k) = &rec.idempotency_key {
                         core.idempotency.remove(&(rec.requester, k.clone()));
@@ -439,8 +458,12 @@ impl CoordinatorState {
         }
     }
 
-    fn send(&self, permit: WritePermit, durability: Durability, batch: Batch) -> Commit<()> {
-        permit.send(durability, move |txn, t| batch.apply(txn, t))
+    fn send(&self, permit: WritePermit, durability: Durability, mut batch: Batch) -> Pending {
+        let finished = std::mem::take(&mut batch.finished);
+        Pending {
+            commit: permit.send(durability, move |txn, t| batch.apply(txn, t)),
+            finished,
+        }
     }
 
     fn visible(p: &Principal, rec_requester: &KeyId) -> bool {
@@ -532,7 +555,7 @@ impl CoordinatorState {
         match outcome {
             Ok((commit, view)) => {
                 self.0.work.notify_waiters();
-                commit.await?;
+                commit.done().await?;
                 Ok((view, true))
             }
             Err((id, stored_hash)) => {
@@ -554,7 +577,7 @@ impl CoordinatorState {
         req: &SubmitTask,
         hash: [u8; 16],
         permit: WritePermit,
-    ) -> Result<(Commit<()>, TaskView), CoordinatorError> {
+    ) -> Result<(Pending, TaskView), CoordinatorError> {
         {
             let t = core.queue.submit(rec)?;
             let mut batch = Batch::default();
@@ -799,7 +822,7 @@ impl CoordinatorState {
         };
         match res {
             Some((view, commit)) => {
-                commit.await?;
+                commit.done().await?;
                 Ok(view)
             }
             None => {
@@ -980,7 +1003,7 @@ impl CoordinatorState {
             (session, self.send(permit, Durability::Critical, batch))
         };
         self.0.work.notify_waiters();
-        commit.await?;
+        commit.done().await?;
         if local {
             self.0.health.set_worker_registered(true);
         }
@@ -1030,40 +1053,20 @@ impl CoordinatorState {
             let (signal, got) = {
                 let mut core = self.lock();
                 let now = now_ms();
-                let entry = Self::agent_entry(&mut core, p, req.session)?;
-                entry.last_seen_ms = now;
-                let signal = entry.signal.clone();
-                let caps = entry.record.capabilities.clone();
-                let cancel = core.queue.take_cancellations(&p.key);
-                let granted = core
-                    .queue
-                    .claim(p.key, req.session, &caps, req.max as usize, now);
-                if granted.is_empty() && cancel.is_empty() {
+                let signal = Self::agent_entry(&mut core, p, req.session)?.signal.clone();
+                let mut batch = Batch::default();
+                let reply = self.claim_locked(&mut core, p, req, now, &mut batch)?;
+                if reply.tasks.is_empty() && reply.cancel.is_empty() {
                     (signal, None)
                 } else {
-                    let mut batch = Batch::default();
-                    self.record(&mut core, &granted, &mut batch);
-                    let tasks: Vec<ClaimedTask> = granted
-                        .iter()
-                        .map(|t| ClaimedTask {
-                            id: t.record.id,
-                            kind: t.record.kind,
-                            attempt: t.record.attempts,
-                            payload: serde_json::from_str(&t.record.payload)
-                                .unwrap_or(serde_json::Value::Null),
-                            requirements: t.record.requirements.clone(),
-                            lease_expires_ms: t.record.lease.map_or(0, |l| l.expires_ms),
-                            deadline_ms: t.record.deadline_ms,
-                        })
-                        .collect();
-                    let commit =
-                        (!batch.is_empty()).then(|| self.send(permit, Durability::Critical, batch));
-                    (signal, Some((ClaimReply { tasks, cancel }, commit)))
+                    let commit = (!batch.puts.is_empty())
+                        .then(|| self.send(permit, Durability::Critical, batch));
+                    (signal, Some((reply, commit)))
                 }
             };
             if let Some((reply, commit)) = got {
                 if let Some(c) = commit {
-                    c.await?;
+                    c.done().await?;
                 }
                 return Ok(reply);
             }
@@ -1075,7 +1078,11 @@ impl CoordinatorState {
                 continue;
             }
             tokio::select! {
-                _ = &mut work => {}
+                _ = &mut work => {
+                    // Let the submissions that woke us (and any right behind them) finish
+                    // before claiming, so a busy node hands out tasks in batches.
+                    tokio::task::yield_now().await;
+                }
                 _ = &mut signalled => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(ClaimReply::default()),
                 _ = self.0.shutdown.cancelled() => return Ok(ClaimReply::default()),
@@ -1084,6 +1091,39 @@ impl CoordinatorState {
                 return Ok(ClaimReply::default());
             }
         }
+    }
+
+    /// Grants up to `req.max` tasks to the agent without waiting, and takes its pending
+    /// cancellations. Called with the lock held; the grants go into `batch`.
+    fn claim_locked(
+        &self,
+        core: &mut Core,
+        p: &Principal,
+        req: &Claim,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<ClaimReply, CoordinatorError> {
+        let entry = Self::agent_entry(core, p, req.session)?;
+        entry.last_seen_ms = now;
+        let caps = entry.record.capabilities.clone();
+        let cancel = core.queue.take_cancellations(&p.key);
+        let granted = core
+            .queue
+            .claim(p.key, req.session, &caps, req.max as usize, now);
+        self.record(core, &granted, batch);
+        let tasks = granted
+            .iter()
+            .map(|t| ClaimedTask {
+                id: t.record.id,
+                kind: t.record.kind,
+                attempt: t.record.attempts,
+                payload: serde_json::from_str(&t.record.payload).unwrap_or(serde_json::Value::Null),
+                requirements: t.record.requirements.clone(),
+                lease_expires_ms: t.record.lease.map_or(0, |l| l.expires_ms),
+                deadline_ms: t.record.deadline_ms,
+            })
+            .collect();
+        Ok(ClaimReply { tasks, cancel })
     }
 
     /// `POST /tasks/{id}/events`.
@@ -1144,7 +1184,7 @@ impl CoordinatorState {
             (self.send(permit, durability, batch), last_seq, critical)
         };
         if critical {
-            commit.await?;
+            commit.done().await?;
         } else {
             // Streamed events are bulk-class: stored with the next batch, not waited for.
             drop(commit);
@@ -1174,10 +1214,8 @@ impl CoordinatorState {
         let attempt = req.attempt;
         let res = {
             let mut core = self.lock();
-            match core
-                .queue
-                .complete(id, &p.key, attempt, &req.outcome, now_ms())
-            {
+            let now = now_ms();
+            match core.queue.complete(id, &p.key, attempt, &req.outcome, now) {
                 Ok(t) => {
                     let state = t.record.state;
                     let mut batch = Batch::default();
@@ -1185,15 +1223,27 @@ impl CoordinatorState {
                     if state == TaskState::Queued {
                         self.0.work.notify_waiters();
                     }
-                    Ok((state, self.send(permit, Durability::Critical, batch)))
+                    // The result stands even if the agent's session has ended; it just gets
+                    // no new work that way.
+                    let next = match &req.next {
+                        Some(c) => self
+                            .claim_locked(&mut core, p, c, now, &mut batch)
+                            .unwrap_or_default(),
+                        None => ClaimReply::default(),
+                    };
+                    Ok((state, next, self.send(permit, Durability::Critical, batch)))
                 }
                 Err(e) => Err(e),
             }
         };
         match res {
-            Ok((state, commit)) => {
-                commit.await?;
-                Ok(ResultAccepted { state })
+            Ok((state, next, commit)) => {
+                commit.done().await?;
+                Ok(ResultAccepted {
+                    state,
+                    tasks: next.tasks,
+                    cancel: next.cancel,
+                })
             }
             Err(QueueError::NotActive(_)) => {
                 // A repeat of a report that already landed (the agent retried after a lost
@@ -1202,7 +1252,11 @@ impl CoordinatorState {
                 match self.read_result(id)? {
                     Some(r) if r.agent == Some(p.key) && r.attempt == attempt => {
                         let state = ResultView::from(&r).state;
-                        Ok(ResultAccepted { state })
+                        Ok(ResultAccepted {
+                            state,
+                            tasks: Vec::new(),
+                            cancel: Vec::new(),
+                        })
                     }
                     _ => Err(CoordinatorError::LeaseLost { task: id, attempt }),
                 }
@@ -1278,7 +1332,7 @@ impl CoordinatorState {
             self.0.work.notify_waiters();
         }
         if let Some(c) = commit {
-            c.await?;
+            c.done().await?;
         }
         Ok(next)
     }

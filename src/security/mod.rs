@@ -95,7 +95,13 @@ pub struct Verifier {
     accepted: Counter,
     rate_limited: Counter,
     skew_seen: AtomicU64,
+    /// Decompressed public keys of authorised callers.
+    keys: std::sync::Mutex<std::collections::HashMap<KeyId, ed25519_dalek::VerifyingKey>>,
 }
+
+/// Most decompressed keys cached; the cache only holds keys the resolver accepted, so it is
+/// normally far smaller. When full it is simply cleared.
+const KEY_CACHE_MAX: usize = 4096;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +130,7 @@ impl Verifier {
             accepted: Counter::default(),
             rate_limited: Counter::default(),
             skew_seen: AtomicU64::new(0),
+            keys: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -154,6 +161,19 @@ impl Verifier {
     /// The replay cache (for pruning).
     pub fn nonces(&self) -> &NonceCache {
         &self.nonces
+    }
+
+    fn verifying_key(&self, id: &KeyId) -> Result<ed25519_dalek::VerifyingKey, SigError> {
+        let mut cache = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(id) {
+            return Ok(*k);
+        }
+        let k = id.verifying_key().map_err(|_| SigError::UnknownKey)?;
+        if cache.len() >= KEY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(*id, k);
+        Ok(k)
     }
 
     fn reject(&self, e: SigError) -> ApiError {
@@ -223,7 +243,10 @@ pub async fn authenticate(State(v): State<Arc<Verifier>>, req: Request, next: Ne
         path: parts.uri.path(),
         query: parts.uri.query(),
     };
-    if let Err(e) = httpsig::verify(&received, &params, &rp, &bytes) {
+    let checked = v
+        .verifying_key(&params.keyid)
+        .and_then(|key| httpsig::verify_with(&received, &params, &key, &rp, &bytes));
+    if let Err(e) = checked {
         return v.reject(e).into_response();
     }
     // Step 6.

@@ -22,11 +22,12 @@ pub mod supervisor;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::Method;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,6 +80,11 @@ struct Running {
 struct Worker {
     client: CoordinatorClient,
     slots: u32,
+    /// One permit per slot; a running task holds one, and hands it to the task it is given
+    /// when it reports (see `PostResult::next`).
+    free: Arc<Semaphore>,
+    /// The current registration session (for `next` claims).
+    session: AtomicU64,
     agent: String,
     running: Mutex<HashMap<TaskId, Running>>,
     slot_freed: Notify,
@@ -102,9 +108,12 @@ pub async fn run(
     let agent = identity.key_id().to_string();
     let client = CoordinatorClient::new(&args.coordinator, Arc::new(identity))
         .map_err(WorkerError::Client)?;
+    let slots = args.slots.max(1);
     let w = Arc::new(Worker {
         client,
-        slots: args.slots.max(1),
+        slots,
+        free: Arc::new(Semaphore::new(slots as usize)),
+        session: AtomicU64::new(0),
         agent,
         running: Mutex::new(HashMap::new()),
         slot_freed: Notify::new(),
@@ -136,10 +145,6 @@ impl Worker {
                 attempt: r.attempt,
             })
             .collect()
-    }
-
-    fn free_slots(&self) -> u32 {
-        self.slots.saturating_sub(self.lock().len() as u32)
     }
 
     fn parent_gone(&self) -> bool {
@@ -188,6 +193,7 @@ impl Worker {
             {
                 Ok(r) => {
                     tracing::info!(session = r.session, agent = %r.agent, "worker registered");
+                    self.session.store(r.session, Ordering::Relaxed);
                     return Ok(Some(r));
                 }
                 Err(e @ ClientError::Api { status, .. })
@@ -257,7 +263,14 @@ impl Worker {
     async fn claim_loop(self: Arc<Self>, reg: &Registered, end: &CancellationToken) {
         let mut backoff = RETRY_MIN;
         while !end.is_cancelled() {
-            let free = self.free_slots();
+            // Hold the free slots while asking for that many tasks, so reports handing their
+            // slot on cannot push the worker past its slot count.
+            let free = self.free.available_permits() as u32;
+            let permits = match free {
+                0 => None,
+                n => self.free.clone().try_acquire_many_owned(n).ok(),
+            };
+            let free = permits.as_ref().map_or(0, |p| p.num_permits() as u32);
             let req = Claim {
                 session: reg.session,
                 max: free,
@@ -288,9 +301,15 @@ impl Worker {
                 Ok(a) => {
                     backoff = RETRY_MIN;
                     self.cancel_tasks(&a.body.cancel);
+                    let mut permits = permits;
                     for t in a.body.tasks {
-                        self.start(t);
+                        let Some(one) = permits.as_mut().and_then(|p| p.split(1)) else {
+                            tracing::warn!(task = %t.id, "worker.claim more tasks than asked for; leaving it to expire");
+                            continue;
+                        };
+                        self.start(t, one);
                     }
+                    // Unused permits go back when `permits` drops here.
                 }
                 Err(e) if e.code() == Some("agent_not_registered") => return,
                 Err(e) => {
@@ -309,26 +328,36 @@ impl Worker {
         }
     }
 
-    fn start(self: &Arc<Self>, task: ClaimedTask) {
-        let cancel = CancellationToken::new();
-        self.lock().insert(
-            task.id,
-            Running {
-                attempt: task.attempt,
-                cancel: cancel.clone(),
-            },
-        );
+    fn start(self: &Arc<Self>, task: ClaimedTask, slot: OwnedSemaphorePermit) {
         let w = self.clone();
         self.tasks.spawn(async move {
-            let id = task.id;
-            w.execute(task, cancel).await;
-            w.lock().remove(&id);
+            let mut next = Some(task);
+            while let Some(task) = next.take() {
+                let cancel = CancellationToken::new();
+                w.lock().insert(
+                    task.id,
+                    Running {
+                        attempt: task.attempt,
+                        cancel: cancel.clone(),
+                    },
+                );
+                let id = task.id;
+                next = w.execute(task, cancel).await;
+                w.lock().remove(&id);
+            }
+            drop(slot);
             // notify_one keeps a permit, so a poll that starts just after this still sees it.
             w.slot_freed.notify_one();
         });
     }
 
-    async fn execute(self: &Arc<Self>, task: ClaimedTask, cancel: CancellationToken) {
+    /// Runs a task and reports it; returns the next task the coordinator handed over with the
+    /// acknowledgement, if any.
+    async fn execute(
+        self: &Arc<Self>,
+        task: ClaimedTask,
+        cancel: CancellationToken,
+    ) -> Option<ClaimedTask> {
         let host = TaskHost {
             worker: self.clone(),
             task: task.id,
@@ -346,9 +375,9 @@ impl Worker {
         };
         let Some(outcome) = outcome else {
             tracing::debug!(task = %task.id, "worker.execute stopped without a result");
-            return;
+            return None;
         };
-        self.report(task.id, task.attempt, outcome, &cancel).await;
+        self.report(task.id, task.attempt, outcome, &cancel).await
     }
 
     async fn report(
@@ -357,24 +386,34 @@ impl Worker {
         attempt: u32,
         outcome: ReportedOutcome,
         cancel: &CancellationToken,
-    ) {
-        let body = PostResult { attempt, outcome };
+    ) -> Option<ClaimedTask> {
+        let body = PostResult {
+            attempt,
+            outcome,
+            next: Some(Claim {
+                session: self.session.load(Ordering::Relaxed),
+                max: 1,
+            }),
+        };
         let path = format!("/tasks/{id}/result");
         let mut backoff = RETRY_MIN;
         loop {
             match self.client.post::<_, ResultAccepted>(&path, &body).await {
-                Ok(_) => return,
+                Ok(a) => {
+                    self.cancel_tasks(&a.cancel);
+                    return a.tasks.into_iter().next();
+                }
                 Err(ClientError::Api { status, code, .. })
                     if status.is_client_error() && status.as_u16() != 429 =>
                 {
                     tracing::info!(task = %id, %code, "worker.report result not accepted");
-                    return;
+                    return None;
                 }
                 Err(e) => tracing::debug!(task = %id, error = %e, "worker.report retrying"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(jitter(backoff)) => {}
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return None,
             }
             backoff = (backoff * 2).min(RETRY_MAX);
         }
