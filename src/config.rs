@@ -162,7 +162,19 @@ pub struct HttpConfig {
     pub drain_timeout: Duration,
 }
 
+/// The first directory systemd names in a `*_DIRECTORY` variable (`StateDirectory=` and friends).
+fn systemd_dir(var: &str) -> Option<PathBuf> {
+    let v = std::env::var(var).ok()?;
+    v.split(':')
+        .next()
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+}
+
 fn default_data_dir() -> PathBuf {
+    if let Some(d) = systemd_dir("STATE_DIRECTORY") {
+        return d;
+    }
     if is_root() {
         return PathBuf::from("/var/lib/edgecoder");
     }
@@ -177,6 +189,9 @@ fn default_data_dir() -> PathBuf {
 
 /// The configuration file used when none is named.
 pub fn default_config_path() -> PathBuf {
+    if let Some(d) = systemd_dir("CONFIGURATION_DIRECTORY") {
+        return d.join("edgecoder.toml");
+    }
     if is_root() {
         return PathBuf::from("/etc/edgecoder/edgecoder.toml");
     }

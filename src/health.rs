@@ -26,6 +26,8 @@ pub struct NodeHealth {
     worker_restarts: AtomicU64,
     stopping: AtomicBool,
     ports: Mutex<BTreeMap<&'static str, SocketAddr>>,
+    /// Background loops and when each last completed a round (ms since the epoch).
+    progress: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// `GET /health` body.
@@ -67,6 +69,7 @@ impl NodeHealth {
             worker_restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             ports: Mutex::new(BTreeMap::new()),
+            progress: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -126,6 +129,26 @@ impl NodeHealth {
         self.ports.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Records that background loop `name` completed a round; the systemd watchdog is only fed
+    /// while every loop keeps doing so.
+    pub fn mark_progress(&self, name: &'static str) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, crate::clock::now_ms());
+    }
+
+    /// Loops that have not completed a round within `max_age_ms` of `now_ms`.
+    pub fn stale_loops(&self, now_ms: u64, max_age_ms: u64) -> Vec<&'static str> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| now_ms.saturating_sub(**t) > max_age_ms)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
     /// Seconds since boot.
     pub fn uptime_secs(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
@@ -140,5 +163,33 @@ impl NodeHealth {
             pid: (pid != 0).then_some(pid),
             restarts: self.worker_restarts.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operational_needs_the_worker_and_not_stopping() {
+        let h = NodeHealth::new(NodeId([0; 16]), true);
+        assert_eq!(h.view("x").status, "starting");
+        h.set_worker_registered(true);
+        assert!(h.operational());
+        assert_eq!(h.view("x").status, "ok");
+        h.set_stopping();
+        assert!(!h.operational());
+        assert_eq!(h.view("x").status, "stopping");
+        let no_worker = NodeHealth::new(NodeId([0; 16]), false);
+        assert!(no_worker.operational());
+    }
+
+    #[test]
+    fn stale_loops_are_reported() {
+        let h = NodeHealth::new(NodeId([0; 16]), false);
+        h.mark_progress("a");
+        let now = crate::clock::now_ms();
+        assert!(h.stale_loops(now, 1000).is_empty());
+        assert_eq!(h.stale_loops(now + 5000, 1000), vec!["a"]);
     }
 }

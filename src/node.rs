@@ -319,14 +319,37 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         });
     }
     if let Some(every) = notifier.watchdog_interval() {
+        // Fed only while the store commits and the reaper keeps ticking: a wedged node stops
+        // feeding it and systemd restarts it.
         let token = services.clone();
         let n = Notifier::from_env();
+        let store = store.clone();
+        let health = health.clone();
+        let max_age = (cfg.coordinator.agent_timeout + every * 2).as_millis() as u64;
         tracker.spawn(async move {
             let mut t = tokio::time::interval(every);
             loop {
                 tokio::select! {
-                    _ = t.tick() => n.notify("WATCHDOG=1"),
+                    _ = t.tick() => {}
                     _ = token.cancelled() => return,
+                }
+                let store_ok = matches!(
+                    tokio::time::timeout(
+                        every,
+                        store.write(crate::store::Durability::Critical, |_, _| Ok(()))
+                    )
+                    .await,
+                    Ok(Ok(()))
+                );
+                let stale = health.stale_loops(crate::clock::now_ms(), max_age);
+                if store_ok && stale.is_empty() {
+                    n.notify("WATCHDOG=1");
+                } else {
+                    tracing::error!(
+                        store_ok,
+                        ?stale,
+                        "node.watchdog not fed: the node is not making progress"
+                    );
                 }
             }
         });

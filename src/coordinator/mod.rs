@@ -43,6 +43,9 @@ use crate::store::{Store, StoreError};
 /// How often replay-cache entries and idle rate-limit buckets are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Name under which the reaper reports progress to the watchdog.
+pub const REAPER_LOOP: &str = "coordinator.reaper";
+
 /// How often finished tasks past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -131,6 +134,7 @@ pub fn spawn(
     verifier.register_metrics(&mut registry, "edgecoder_coordinator_auth");
     let metrics = Metrics::new(registry, process);
 
+    let health_for_reaper = health.clone();
     let ctx = routes::Ctx {
         state: state.clone(),
         health,
@@ -192,7 +196,12 @@ pub fn spawn(
         ));
 
     let agent_check = (cfg.coordinator.agent_timeout / 3).max(Duration::from_millis(100));
-    tracker.spawn(reaper(state.clone(), agent_check, token.clone()));
+    tracker.spawn(reaper(
+        state.clone(),
+        health_for_reaper,
+        agent_check,
+        token.clone(),
+    ));
     tracker.spawn(sweeper(state.clone(), verifier.clone(), token));
     Ok(Coordinator {
         state,
@@ -203,10 +212,18 @@ pub fn spawn(
 
 /// Expires leases and deadlines when they lapse and reaps silent agents; sleeps until the next
 /// thing is due, so an idle node wakes only every `agent_check`.
-async fn reaper(state: CoordinatorState, agent_check: Duration, token: CancellationToken) {
+async fn reaper(
+    state: CoordinatorState,
+    health: Arc<NodeHealth>,
+    agent_check: Duration,
+    token: CancellationToken,
+) {
     loop {
         let next = match state.tick().await {
-            Ok(n) => n,
+            Ok(n) => {
+                health.mark_progress(REAPER_LOOP);
+                n
+            }
             Err(e) => {
                 tracing::error!(error = %e, "coordinator.reaper tick failed");
                 None
