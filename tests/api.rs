@@ -341,3 +341,153 @@ async fn waits_deadlines_retries_and_attempt_limits() {
         .unwrap_err();
     assert!(matches!(err, ClientError::Api { .. }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agents_are_reaped_and_their_tasks_run_elsewhere() {
+    use edgecoder::client::CoordinatorClient;
+    use edgecoder::identity::Identity;
+    use std::sync::Arc;
+    let a = Identity::generate();
+    let b = Identity::generate();
+    let keys = format!(
+        "coordinator.agent_keys=[\"{}\",\"{}\"]",
+        a.key_id(),
+        b.key_id()
+    );
+    let node = Node::start(&[
+        "--set",
+        "worker.enabled=false",
+        "--set",
+        &keys,
+        "--set",
+        "worker.heartbeat_interval=\"200ms\"",
+        "--set",
+        "coordinator.agent_timeout=\"1s\"",
+    ]);
+    let c = node.client();
+    let agent_a = CoordinatorClient::new(&node.coordinator(), Arc::new(a)).unwrap();
+    let agent_b = CoordinatorClient::new(&node.coordinator(), Arc::new(b)).unwrap();
+    let caps = Capabilities {
+        kinds: vec![TaskKind::Probe],
+        models: vec![],
+        resource_class: ResourceClass::Small,
+        slots: 1,
+    };
+    let register = |cl: CoordinatorClient, caps: Capabilities| async move {
+        cl.post::<_, Registered>(
+            "/agents/register",
+            &RegisterAgent {
+                capabilities: caps,
+                running: vec![],
+            },
+        )
+        .await
+        .unwrap()
+    };
+    let reg_a = register(agent_a.clone(), caps.clone()).await;
+    assert_eq!(reg_a.heartbeat_interval_ms, 200);
+    let id = submit_probe(&c, serde_json::json!({"echo": "reaped"})).await;
+    let claim: ClaimReply = agent_a
+        .post(
+            "/agents/claim?wait=5s",
+            &Claim {
+                session: reg_a.session,
+                max: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim.tasks.len(), 1);
+    assert_eq!(claim.tasks[0].id, id);
+    // Agent A goes silent. After coordinator.agent_timeout it is reaped and the task requeued.
+    let requeued = wait_task(&c, id, "requeued", |t| t.state == TaskState::Queued).await;
+    assert_eq!(requeued.attempts, 1);
+    assert!(
+        requeued.failures[0].reason.contains("heartbeats"),
+        "{:?}",
+        requeued.failures
+    );
+    let agents: Vec<AgentView> = c.get("/agents").await.unwrap();
+    assert!(agents.is_empty(), "{agents:?}");
+    // A's late heartbeat tells it to register again; its late result is refused.
+    let err = agent_a
+        .post::<_, HeartbeatReply>(
+            "/agents/heartbeat",
+            &Heartbeat {
+                session: reg_a.session,
+                running: vec![],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("agent_not_registered"));
+    let late = PostResult {
+        attempt: 1,
+        outcome: ReportedOutcome::Succeeded {
+            output: serde_json::json!("late"),
+        },
+        next: None,
+    };
+    let err = agent_a
+        .post::<_, ResultAccepted>(&format!("/tasks/{id}/result"), &late)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("lease_lost"));
+    // Agent B picks it up as attempt 2 and finishes it.
+    let reg_b = register(agent_b.clone(), caps).await;
+    let claim: ClaimReply = agent_b
+        .post(
+            "/agents/claim?wait=5s",
+            &Claim {
+                session: reg_b.session,
+                max: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim.tasks[0].attempt, 2);
+    let done = PostResult {
+        attempt: 2,
+        outcome: ReportedOutcome::Succeeded {
+            output: serde_json::json!({"by": "b"}),
+        },
+        next: None,
+    };
+    let ack: ResultAccepted = agent_b
+        .post(&format!("/tasks/{id}/result"), &done)
+        .await
+        .unwrap();
+    assert_eq!(ack.state, TaskState::Succeeded);
+    // Repeating the same report (a lost answer) is acknowledged again, not double-stored.
+    let ack: ResultAccepted = agent_b
+        .post(&format!("/tasks/{id}/result"), &done)
+        .await
+        .unwrap();
+    assert_eq!(ack.state, TaskState::Succeeded);
+    let r = wait_result(&c, id).await;
+    assert_eq!(
+        (r.attempt, r.output.unwrap()["by"].as_str()),
+        (2, Some("b"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_task_frees_the_workers_slot() {
+    let node = Node::start(&["--set", "worker.slots=1"]);
+    let c = node.client();
+    let stuck = submit_probe(&c, serde_json::json!({"busy": "1h"})).await;
+    wait_task(&c, stuck, "running", |t| {
+        t.state == TaskState::Leased || t.state == TaskState::Running
+    })
+    .await;
+    let next = submit_probe(&c, serde_json::json!({"echo": "after"})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v: TaskView = c.get(&format!("/tasks/{next}")).await.unwrap();
+    assert_eq!(v.state, TaskState::Queued, "the only slot is busy");
+    c.send::<(), TaskView>(Method::DELETE, &format!("/tasks/{stuck}"), None, None)
+        .await
+        .unwrap();
+    // The worker stopped the cancelled task, so its one slot runs the next one.
+    let r = wait_result(&c, next).await;
+    assert_eq!(r.output.unwrap()["echo"], "after");
+}
