@@ -311,12 +311,32 @@ pub async fn task(cmd: TaskCmd) -> anyhow::Result<u8> {
                 max_attempts: None,
                 idempotency_key,
             };
-            let view: TaskView = client.post("/tasks", &req).await?;
-            if wait {
-                return wait_result(&client, &view.id.to_string(), Duration::from_secs(600)).await;
+            if !wait {
+                let view: TaskView = client.post("/tasks", &req).await?;
+                print_json(&view)?;
+                return Ok(0);
             }
-            print_json(&view)?;
-            Ok(0)
+            // One round trip when the task finishes within 30 s; otherwise keep waiting.
+            let view: TaskView = client
+                .send(
+                    Method::POST,
+                    "/tasks?wait=30s",
+                    Some(&req),
+                    Some(Duration::from_secs(45)),
+                )
+                .await?
+                .body;
+            match view.result {
+                Some(r) => {
+                    print_json(&r)?;
+                    Ok(if r.state == TaskState::Succeeded {
+                        0
+                    } else {
+                        2
+                    })
+                }
+                None => wait_result(&client, &view.id.to_string(), Duration::from_secs(600)).await,
+            }
         }
         TaskCmd::Get { id, conn } => {
             let client = connect(&conn)?;
