@@ -16,7 +16,7 @@
 //! * [`worker`] — the worker process and the node's supervisor for it.
 //! * [`inference`], [`control_plane`], [`ide`] — the other three ports.
 //! * [`client`] — signed HTTP client for the coordinator API (worker, CLI, tests).
-//! * [`cli`] — the client-side commands (`task`, `status`, `keygen`); [`bench`] — `edgecoder bench`.
+//! * [`cli`] — the client-side commands (`task`, `status`, `keygen`); [`mod@bench`] — `edgecoder bench`.
 //! * [`http`], [`metrics`], [`health`], [`systemd`], [`clock`] — shared plumbing.
 //!
 //! The architecture, APIs and operations are documented under `docs/` in the repository.
