@@ -244,23 +244,10 @@ pub enum TaskCmd {
     },
 }
 
-/// A client for the node named by `conn`.
-///
-/// # Errors
-/// Configuration problems, an unreadable key.
-pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
+/// The coordinator URL for `conn`, and the configuration it came from.
+fn resolve(conn: &ConnectArgs) -> anyhow::Result<(String, Config)> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let (cfg, _) = Config::load(&conn.config.overrides(), &env)?;
-    let key_path = conn
-        .key
-        .clone()
-        .unwrap_or_else(|| identity_path(&cfg.data_dir));
-    let identity = Identity::load(&key_path).with_context(|| {
-        format!(
-            "cannot read the signing key {} (run as the node's user, or pass --key)",
-            key_path.display()
-        )
-    })?;
     let url = match &conn.url {
         Some(u) => u.clone(),
         None => match NodeInfo::read(&cfg.data_dir) {
@@ -271,6 +258,25 @@ pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
             ),
         },
     };
+    Ok((url, cfg))
+}
+
+/// A client for the node named by `conn`.
+///
+/// # Errors
+/// Configuration problems, an unreadable key.
+pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
+    let (url, cfg) = resolve(conn)?;
+    let key_path = conn
+        .key
+        .clone()
+        .unwrap_or_else(|| identity_path(&cfg.data_dir));
+    let identity = Identity::load(&key_path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (run as the node's user, or pass --key)",
+            key_path.display()
+        )
+    })?;
     Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
 }
 
@@ -470,8 +476,9 @@ async fn follow_events(client: &CoordinatorClient, id: &str) -> anyhow::Result<u
 /// # Errors
 /// Connection errors.
 pub async fn status(conn: ConnectArgs) -> anyhow::Result<u8> {
-    let client = connect(&conn)?;
-    let url = client.base().join("/status")?;
+    // /status is unsigned: no key needed.
+    let (base, _) = resolve(&conn)?;
+    let url = reqwest::Url::parse(&base)?.join("/status")?;
     let v: serde_json::Value = reqwest::Client::new()
         .get(url.clone())
         .timeout(Duration::from_secs(10))

@@ -145,6 +145,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// Query parameters whose problems come back as 400 `invalid_request` in the common error shape
+/// (axum's own extractor answers in plain text).
+#[derive(Debug, Clone)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// A fallback for known paths with the wrong method: 405 in the common error shape.
+pub async fn method_not_allowed_fallback() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
+}
+
 /// Parses JSON with the same error mapping as [`JsonBody`].
 ///
 /// # Errors
@@ -324,5 +352,6 @@ pub fn base_router(
         .route("/status", status_route)
         .route("/metrics", get(metrics_handler).with_state(metrics))
         .fallback(not_found_fallback)
+        .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(limits, limit_by_ip))
 }

@@ -51,35 +51,35 @@ impl ProcessMetrics {
             for (name, help, kind, v) in [
                 (
                     "store_commits",
-                    "LMDB transactions committed.",
+                    "LMDB transactions committed",
                     "counter",
                     s.commits.load(Relaxed),
                 ),
                 (
                     "store_ops",
-                    "Write operations applied.",
+                    "Write operations applied",
                     "counter",
                     s.ops.load(Relaxed),
                 ),
                 (
                     "store_failed_ops",
-                    "Write operations that failed and were rolled back.",
+                    "Write operations that failed and were rolled back",
                     "counter",
                     s.failed_ops.load(Relaxed),
                 ),
                 (
                     "store_commit_seconds",
-                    "Time spent committing, summed.",
+                    "Time spent committing, summed",
                     "counter",
                     0,
                 ),
                 (
                     "store_used_bytes",
-                    "Bytes of the LMDB map in use.",
+                    "Bytes of the LMDB map in use",
                     "gauge",
                     used,
                 ),
-                ("store_map_bytes", "Size of the LMDB map.", "gauge", map),
+                ("store_map_bytes", "Size of the LMDB map", "gauge", map),
             ] {
                 let _ = writeln!(
                     out,

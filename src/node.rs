@@ -194,7 +194,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
     let serve = CancellationToken::new();
     let worker_token = CancellationToken::new();
 
-    let coordinator = crate::coordinator::spawn(
+    let mut coordinator = crate::coordinator::spawn(
         &cfg,
         store.clone(),
         &identity,
@@ -202,9 +202,9 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         health.clone(),
         process.clone(),
         limits.clone(),
-        &tracker,
         services.clone(),
     )?;
+    let coordinator_loops = std::mem::take(&mut coordinator.loops);
     let routers = [
         (
             "coordinator",
@@ -274,6 +274,18 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         }));
     }
 
+    // Background loops are as vital as listeners: one that ends before shutdown is fatal.
+    for (name, fut) in coordinator_loops {
+        let died = died_tx.clone();
+        let token = services.clone();
+        tracker.spawn(async move {
+            fut.await;
+            if !token.is_cancelled() {
+                let _ = died.send((name, "loop ended".into())).await;
+            }
+        });
+    }
+
     let supervisor = if cfg.worker.enabled {
         let args = vec![
             "worker".to_string(),
@@ -295,11 +307,17 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             backoff_max: cfg.worker.restart_backoff_max,
             stop_grace: cfg.worker.stop_grace,
         };
-        Some(tokio::spawn(supervise(
-            sc,
-            health.clone(),
-            worker_token.clone(),
-        )))
+        let died = died_tx.clone();
+        let token = worker_token.clone();
+        let health = health.clone();
+        Some(tokio::spawn(async move {
+            supervise(sc, health, token.clone()).await;
+            if !token.is_cancelled() {
+                let _ = died
+                    .send(("worker.supervisor", "supervisor ended".into()))
+                    .await;
+            }
+        }))
     } else {
         None
     };

@@ -84,6 +84,10 @@ async fn bad_input_gets_a_clear_4xx_and_the_node_keeps_serving() {
     assert_eq!((s, code(&v)), (400, "invalid_task_id"), "{v}");
     let (s, v) = raw(&node, Method::GET, "/tasks?state=sideways", b"").await;
     assert_eq!((s, code(&v)), (400, "invalid_request"), "{v}");
+    let (s, v) = raw(&node, Method::GET, "/tasks?limit=lots", b"").await;
+    assert_eq!((s, code(&v)), (400, "invalid_request"), "{v}");
+    let (s, v) = raw(&node, Method::PUT, "/tasks", b"").await;
+    assert_eq!((s, code(&v)), (405, "method_not_allowed"), "{v}");
     let (s, v) = raw(
         &node,
         Method::POST,
@@ -279,6 +283,7 @@ async fn waits_deadlines_retries_and_attempt_limits() {
         .unwrap();
     assert_eq!(t.status.as_u16(), 201);
     assert_eq!(t.body.state, TaskState::Succeeded);
+    assert_eq!(t.body.attempts, 1, "the task as it is after finishing");
     assert_eq!(t.body.result.unwrap().output.unwrap()["echo"], "sync");
     let t = c
         .send::<_, TaskView>(
@@ -333,7 +338,7 @@ async fn waits_deadlines_retries_and_attempt_limits() {
     // Agents are visible to the node key.
     let agents: Vec<AgentView> = c.get("/agents").await.unwrap();
     assert_eq!(agents.len(), 1);
-    assert!(agents[0].local);
+    assert!(agents[0].local && agents[0].live);
     assert!(agents[0].capabilities.kinds.contains(&TaskKind::Probe));
     let err = c
         .get::<TaskView>("/tasks/01ARZ3NDEKTSV4RRFFQ69G5FAV")
@@ -408,7 +413,8 @@ async fn silent_agents_are_reaped_and_their_tasks_run_elsewhere() {
         requeued.failures
     );
     let agents: Vec<AgentView> = c.get("/agents").await.unwrap();
-    assert!(agents.is_empty(), "{agents:?}");
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert!(!agents[0].live, "a reaped agent is listed as not live");
     // A's late heartbeat tells it to register again; its late result is refused.
     let err = agent_a
         .post::<_, HeartbeatReply>(
@@ -469,6 +475,36 @@ async fn silent_agents_are_reaped_and_their_tasks_run_elsewhere() {
         (r.attempt, r.output.unwrap()["by"].as_str()),
         (2, Some("b"))
     );
+
+    // A report for a task cancelled under the agent is refused, not taken as a repeat.
+    let id2 = submit_probe(&c, serde_json::json!({})).await;
+    let claim: ClaimReply = agent_b
+        .post(
+            "/agents/claim?wait=5s",
+            &Claim {
+                session: reg_b.session,
+                max: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim.tasks[0].id, id2);
+    c.send::<(), TaskView>(Method::DELETE, &format!("/tasks/{id2}"), None, None)
+        .await
+        .unwrap();
+    let late = PostResult {
+        attempt: 1,
+        outcome: ReportedOutcome::Succeeded {
+            output: serde_json::json!({"by": "b"}),
+        },
+        next: None,
+    };
+    let err = agent_b
+        .post::<_, ResultAccepted>(&format!("/tasks/{id2}/result"), &late)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("lease_lost"));
+    assert_eq!(wait_result(&c, id2).await.state, TaskState::Cancelled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,22 +52,12 @@ pub enum CoordinatorError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The coordinator is shutting down.
-    #[error("the node is shutting down")]
-    ShuttingDown,
 }
 
 impl From<QueueError> for CoordinatorError {
     fn from(e: QueueError) -> Self {
         match e {
             QueueError::NotActive(t) => CoordinatorError::TaskNotFound(t),
-            QueueError::InvalidTransition { task, from, action } => {
-                CoordinatorError::InvalidTransition {
-                    task,
-                    state: from,
-                    action,
-                }
-            }
             QueueError::LeaseLost { task, attempt } => {
                 CoordinatorError::LeaseLost { task, attempt }
             }
@@ -100,8 +90,6 @@ impl CoordinatorError {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", msg)
             }
             E::Store(e) => ApiError::internal(e),
-            E::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
-                .retry_after(Duration::from_secs(5)),
         }
     }
 }

@@ -26,7 +26,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use self::error::CoordinatorError;
 pub use self::routes::IdentityView;
@@ -40,7 +39,7 @@ use crate::security::ratelimit::RateLimits;
 use crate::security::{KeyResolver, Role, Verifier, VerifierConfig};
 use crate::store::{Store, StoreError};
 
-/// How often replay-cache entries and idle rate-limit buckets are swept.
+/// How often expired replay-cache entries are swept (idle rate-limit buckets: see `node.rs`).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Name under which the reaper reports progress to the watchdog.
@@ -71,8 +70,13 @@ impl KeyResolver for CoordinatorKeys {
     }
 }
 
-/// A running coordinator.
-#[derive(Debug)]
+/// A background loop the caller must run (and treat as fatal if it ends before shutdown).
+pub type Loop = (
+    &'static str,
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+);
+
+/// A built coordinator.
 pub struct Coordinator {
     /// Handle to its state.
     pub state: CoordinatorState,
@@ -80,10 +84,20 @@ pub struct Coordinator {
     pub router: Router,
     /// Its request verifier (for counters).
     pub verifier: Arc<Verifier>,
+    /// Its background loops; each returns only when `token` is cancelled.
+    pub loops: Vec<Loop>,
 }
 
-/// Builds the coordinator, restores its queue from the store and starts its background loops
-/// (owned by `tracker`, stopped by `token`).
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the coordinator and restores its queue from the store. Its background loops are
+/// returned for the caller to run; they stop when `token` is cancelled.
 ///
 /// # Errors
 /// Store failures while restoring.
@@ -96,7 +110,6 @@ pub fn spawn(
     health: Arc<NodeHealth>,
     process: Arc<ProcessMetrics>,
     limits: Arc<RateLimits>,
-    tracker: &TaskTracker,
     token: CancellationToken,
 ) -> Result<Coordinator, StoreError> {
     let state = CoordinatorState::load(
@@ -187,6 +200,7 @@ pub fn spawn(
         .merge(open)
         .with_state(ctx)
         .fallback(crate::http::not_found_fallback)
+        .method_not_allowed_fallback(crate::http::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(
             limits,
             crate::http::limit_by_ip,
@@ -196,17 +210,26 @@ pub fn spawn(
         ));
 
     let agent_check = (cfg.coordinator.agent_timeout / 3).max(Duration::from_millis(100));
-    tracker.spawn(reaper(
-        state.clone(),
-        health_for_reaper,
-        agent_check,
-        token.clone(),
-    ));
-    tracker.spawn(sweeper(state.clone(), verifier.clone(), token));
+    let loops: Vec<Loop> = vec![
+        (
+            REAPER_LOOP,
+            Box::pin(reaper(
+                state.clone(),
+                health_for_reaper,
+                agent_check,
+                token.clone(),
+            )),
+        ),
+        (
+            "coordinator.sweeper",
+            Box::pin(sweeper(state.clone(), verifier.clone(), token)),
+        ),
+    ];
     Ok(Coordinator {
         state,
         router,
         verifier,
+        loops,
     })
 }
 

@@ -16,6 +16,9 @@ use crate::identity::KeyId;
 /// A task id.
 pub type TaskId = Ulid;
 
+/// Most events accepted in one `POST /tasks/{id}/events`; senders split longer runs.
+pub const MAX_EVENTS_PER_POST: usize = 1024;
+
 /// What a task asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -731,6 +734,8 @@ pub struct ResultAccepted {
 pub struct AgentView {
     /// Key id.
     pub agent: KeyId,
+    /// Whether it is registered and heartbeating now (false: known from an earlier session).
+    pub live: bool,
     /// Whether this node's own worker.
     pub local: bool,
     /// Capabilities.

@@ -43,16 +43,6 @@ pub enum QueueError {
     /// The task is not in the queue (finished, or never existed).
     #[error("task {0} is not active")]
     NotActive(TaskId),
-    /// The action does not apply in the task's state.
-    #[error("cannot {action} task {task} in state {from}")]
-    InvalidTransition {
-        /// Task.
-        task: TaskId,
-        /// Its state.
-        from: TaskState,
-        /// What was asked.
-        action: &'static str,
-    },
     /// The caller does not hold the current lease (expired and re-granted, or another agent's).
     #[error("task {task} is not leased to this agent for attempt {attempt}")]
     LeaseLost {
@@ -170,10 +160,19 @@ impl Queue {
         }
     }
 
-    /// Puts a task loaded from the store back in its place (boot).
-    pub fn restore(&mut self, rec: TaskRecord) {
+    /// Puts a task loaded from the store back in its place (boot). Lease renewals are kept in
+    /// memory only (a heartbeat must not cost a disk write), and an agent cannot renew while the
+    /// node is down, so a restored lease gets a fresh `lease_ttl` from `now` (never past the
+    /// deadline): a surviving agent has that long to register again and keep its work.
+    pub fn restore(&mut self, mut rec: TaskRecord, now: u64) {
         if rec.state.is_terminal() {
             return;
+        }
+        if let Some(l) = rec.lease.as_mut() {
+            let fresh = now
+                .saturating_add(self.cfg.lease_ttl_ms)
+                .min(rec.deadline_ms);
+            l.expires_ms = l.expires_ms.max(fresh);
         }
         self.index(&rec);
         self.active.insert(rec.id, rec);
@@ -884,6 +883,24 @@ mod tests {
                 error: "bad input".into()
             }
         );
+    }
+
+    #[test]
+    fn restored_leases_get_a_fresh_ttl() {
+        let mut q1 = q();
+        q1.submit(task(1, 1, 0)).unwrap();
+        let granted = q1.claim(AGENT, 1, &caps(), 1, 0);
+        let rec = granted[0].record.clone();
+        assert_eq!(rec.lease.unwrap().expires_ms, TTL);
+        // The node restarts long after the grant; the lease must not lapse at once.
+        let mut q2 = q();
+        q2.restore(rec, 100_000);
+        assert!(q2.expire(100_001).is_empty());
+        assert_eq!(
+            q2.get(&Ulid(1)).unwrap().lease.unwrap().expires_ms,
+            100_000 + TTL
+        );
+        assert_eq!(q2.expire(100_000 + TTL).len(), 1);
     }
 
     #[test]

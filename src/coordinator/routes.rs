@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use super::error::CoordinatorError;
 use super::model::*;
 use super::state::{CoordinatorState, ResultWait, Subscription};
 use crate::health::NodeHealth;
-use crate::http::{ApiError, JsonBody};
+use crate::http::{ApiError, JsonBody, QueryParams as Query};
 use crate::security::{Auth, Role};
 
 /// State for the handlers.
@@ -87,14 +87,18 @@ pub async fn submit(
         .await
         .map_err(IntoResponse::into_response)?;
     if !wait.is_zero() {
-        match ctx.state.result(&p, view.id, wait).await {
-            Ok(ResultWait::Done(r)) => {
-                view.state = r.state;
-                view.result = Some(r);
-            }
-            Ok(ResultWait::Pending(pv)) => view.state = pv.state,
+        let done = match ctx.state.result(&p, view.id, wait).await {
+            Ok(ResultWait::Done(r)) => Some(r),
+            Ok(ResultWait::Pending(_)) => None,
             Err(e) => return Err(e.into_response()),
-        }
+        };
+        // The task as it is now (attempts, timestamps), with the result when there is one.
+        view = ctx
+            .state
+            .get(&p, view.id)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        view.result = done;
     }
     let status = if created {
         StatusCode::CREATED
@@ -262,7 +266,14 @@ impl EventStream {
                 return Some((Ok(sse_event(&ev)), self));
             }
             if let Some(live) = self.live.as_mut() {
-                match live.recv().await {
+                let shutdown = self.state.shutdown_token().clone();
+                let received = tokio::select! {
+                    r = live.recv() => r,
+                    // The node is stopping: end the stream without `end`; the client resumes
+                    // from its Last-Event-ID once the node is back.
+                    _ = shutdown.cancelled() => return None,
+                };
+                match received {
                     Ok(ev) => {
                         self.backlog.push_back(ev);
                         continue;

@@ -33,21 +33,21 @@ use crate::security::{Principal, Role};
 use crate::store::{Commit, Durability, Store, StoreError, Tables, WritePermit, decode, encode};
 
 /// Events of an unfinished task kept in memory for late subscribers. Older events are read from
-/// the store (they were written at least `store.bulk_flush_interval` ago).
+/// the store after a barrier that commits any still-batched ones.
 const RECENT_EVENTS: usize = 4096;
 
 /// Capacity of a task's live event channel; a subscriber that falls further behind catches up
 /// from the in-memory history or the store.
 const LIVE_EVENTS: usize = 256;
 
-/// Most events accepted in one post.
-const MAX_EVENTS_PER_POST: usize = 1024;
-
 /// Longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 200;
 
 /// Most tasks returned by one `GET /tasks`.
 pub const MAX_LIST: usize = 1000;
+
+/// Finished tasks deleted per purge transaction.
+const PURGE_BATCH: usize = 1000;
 
 /// Most task records examined by one `GET /tasks` (filters can make pages sparse).
 const LIST_SCAN_LIMIT: usize = 100_000;
@@ -89,6 +89,8 @@ struct AgentEntry {
 struct Core {
     queue: Queue,
     agents: HashMap<KeyId, AgentEntry>,
+    /// Every agent that ever registered (the `agents` table), live or not.
+    known_agents: HashMap<KeyId, AgentRecord>,
     watches: HashMap<TaskId, Watch>,
     /// Idempotency keys of unfinished tasks: their store records may not be committed yet.
     idempotency: HashMap<(KeyId, String), (TaskId, [u8; 16])>,
@@ -222,6 +224,9 @@ fn request_hash(req: &SubmitTask) -> [u8; 16] {
     h.update([0]);
     h.update(serde_json::to_vec(&req.requirements).unwrap_or_default());
     h.update(req.priority.to_be_bytes());
+    h.update(req.timeout.as_deref().unwrap_or("").as_bytes());
+    h.update([0]);
+    h.update(req.max_attempts.unwrap_or(0).to_be_bytes());
     let d = h.finalize();
     let mut out = [0u8; 16];
     out.copy_from_slice(&d[..16]);
@@ -263,6 +268,15 @@ impl CoordinatorState {
             max_active: cfg.coordinator.max_active_tasks,
         });
         let mut watches = HashMap::new();
+        let known_agents = store.read(|r, t| {
+            let mut out = HashMap::new();
+            for item in t.agents.iter(r)? {
+                let (_, v) = item?;
+                let rec: AgentRecord = decode("agents", v)?;
+                out.insert(rec.key, rec);
+            }
+            Ok(out)
+        })?;
         let restored = store.read(|r, t| {
             let mut out = Vec::new();
             for item in t.active.iter(r)? {
@@ -284,9 +298,10 @@ impl CoordinatorState {
             Ok(out)
         })?;
         let n = restored.len();
+        let now = now_ms();
         for (rec, last_seq) in restored {
             watches.insert(rec.id, Watch::new(last_seq + 1));
-            queue.restore(rec);
+            queue.restore(rec, now);
         }
         if n > 0 {
             tracing::info!(tasks = n, "coordinator.restore unfinished tasks reloaded");
@@ -297,6 +312,7 @@ impl CoordinatorState {
             core: Mutex::new(Core {
                 queue,
                 agents: HashMap::new(),
+                known_agents,
                 watches,
                 idempotency: HashMap::new(),
                 next_session: now_ms() << 12,
@@ -309,6 +325,11 @@ impl CoordinatorState {
         })))
     }
 
+    /// Cancelled when the node starts shutting down (streams and long polls end on it).
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.0.shutdown
+    }
+
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.0.core.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -318,47 +339,47 @@ impl CoordinatorState {
         let m = &self.0.metrics;
         reg.register(
             "edgecoder_coordinator_tasks_submitted",
-            "Tasks accepted.",
+            "Tasks accepted",
             m.submitted.clone(),
         );
         reg.register(
             "edgecoder_coordinator_tasks_finished",
-            "Tasks that reached a final state, by state.",
+            "Tasks that reached a final state, by state",
             m.finished.clone(),
         );
         reg.register(
             "edgecoder_coordinator_leases_granted",
-            "Leases granted to agents.",
+            "Leases granted to agents",
             m.claimed.clone(),
         );
         reg.register(
             "edgecoder_coordinator_tasks_requeued",
-            "Attempts that ended without a result and went back to the queue.",
+            "Attempts that ended without a result and went back to the queue",
             m.requeued.clone(),
         );
         reg.register(
             "edgecoder_coordinator_task_events",
-            "Task events recorded.",
+            "Task events posted by agents (state changes not included)",
             m.events.clone(),
         );
         reg.register(
             "edgecoder_coordinator_tasks_queued",
-            "Tasks waiting for an agent.",
+            "Tasks waiting for an agent",
             m.queued.clone(),
         );
         reg.register(
             "edgecoder_coordinator_tasks_leased",
-            "Tasks leased, not yet running.",
+            "Tasks leased, not yet running",
             m.leased.clone(),
         );
         reg.register(
             "edgecoder_coordinator_tasks_running",
-            "Tasks running.",
+            "Tasks running",
             m.running.clone(),
         );
         reg.register(
             "edgecoder_coordinator_agents",
-            "Live registered agents.",
+            "Live registered agents",
             m.agents.clone(),
         );
     }
@@ -600,7 +621,9 @@ impl CoordinatorState {
     }
 
     /// Looks an idempotency key up in memory, then in the store. Returns the task and the hash of
-    /// the request that created it.
+    /// the request that created it. Called with the lock held on purpose: a point read takes
+    /// microseconds, and doing it outside the lock would let a concurrent submission with the same
+    /// key slip between the read and the insert.
     fn find_idempotent(
         &self,
         core: &Core,
@@ -677,7 +700,9 @@ impl CoordinatorState {
     ) -> Result<TaskList, CoordinatorError> {
         let limit = limit.clamp(1, MAX_LIST);
         let principal = *p;
-        let mut tasks: Vec<TaskRecord> = self
+        // Filters apply to the committed state; unfinished tasks are then shown as memory has
+        // them (a change may be a commit ahead of the filter).
+        let (mut tasks, resume): (Vec<TaskRecord>, Option<TaskId>) = self
             .0
             .store
             .read_blocking(move |r, t| {
@@ -690,23 +715,27 @@ impl CoordinatorState {
                     None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
                 };
                 let mut out = Vec::new();
+                let mut last_scanned = None;
                 for (scanned, item) in t.tasks.range(r, &range)?.enumerate() {
                     if scanned >= LIST_SCAN_LIMIT {
-                        break;
+                        // A sparse filter: hand back where to continue instead of scanning on.
+                        return Ok((out, last_scanned));
                     }
                     let (_, v) = item?;
                     let rec: TaskRecord = decode("tasks", v)?;
-                    if Self::visible(&principal, &rec.requester) {
+                    last_scanned = Some(rec.id);
+                    if Self::visible(&principal, &rec.requester)
+                        && state.is_none_or(|s| rec.state == s)
+                    {
                         out.push(rec);
-                        if out.len() > limit * 2 + 16 && state.is_none() {
+                        if out.len() > limit {
                             break;
                         }
                     }
                 }
-                Ok(out)
+                Ok((out, None))
             })
             .await?;
-        // Unfinished tasks: memory is newer than the last commit.
         {
             let core = self.lock();
             for rec in &mut tasks {
@@ -715,20 +744,16 @@ impl CoordinatorState {
                 }
             }
         }
-        let filtered: Vec<TaskView> = tasks
-            .iter()
-            .filter(|r| state.is_none_or(|s| r.state == s))
-            .take(limit + 1)
-            .map(TaskView::from)
-            .collect();
-        let mut views = filtered;
-        let next = if views.len() > limit {
-            views.truncate(limit);
-            views.last().map(|v| v.id)
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(|t| t.id)
         } else {
-            None
+            resume
         };
-        Ok(TaskList { tasks: views, next })
+        Ok(TaskList {
+            tasks: tasks.iter().map(TaskView::from).collect(),
+            next,
+        })
     }
 
     /// `GET /tasks/{id}/result?wait=`.
@@ -872,8 +897,12 @@ impl CoordinatorState {
             let (backlog, live) = active?;
             let backlog = match backlog {
                 Some(b) => b,
-                // The requested start is older than memory holds: read the store, then follow.
-                None => self.read_events(id, after).await?,
+                // The requested start is older than memory holds: flush pending bulk writes (a
+                // barrier commits everything queued before it), read the store, then follow.
+                None => {
+                    self.barrier().await?;
+                    self.read_events(id, after).await?
+                }
             };
             return Ok(Subscription {
                 backlog,
@@ -988,6 +1017,7 @@ impl CoordinatorState {
                 .unwrap_or_default();
             // A previous session's pending claim must stop waiting.
             signal.notify_waiters();
+            core.known_agents.insert(p.key, record.clone());
             core.agents.insert(
                 p.key,
                 AgentEntry {
@@ -1107,9 +1137,11 @@ impl CoordinatorState {
         entry.last_seen_ms = now;
         let caps = entry.record.capabilities.clone();
         let cancel = core.queue.take_cancellations(&p.key);
-        let granted = core
-            .queue
-            .claim(p.key, req.session, &caps, req.max as usize, now);
+        // Never more leases than the slots the agent registered with.
+        let room = (caps.slots as usize).saturating_sub(core.queue.leases_of(&p.key));
+        let granted =
+            core.queue
+                .claim(p.key, req.session, &caps, (req.max as usize).min(room), now);
         self.record(core, &granted, batch);
         let tasks = granted
             .iter()
@@ -1154,7 +1186,13 @@ impl CoordinatorState {
             let running = core
                 .queue
                 .mark_running(id, &p.key, req.attempt, now)
-                .map_err(|e| self.lease_error(e))?;
+                .map_err(|e| match e {
+                    QueueError::NotActive(task) => CoordinatorError::LeaseLost {
+                        task,
+                        attempt: req.attempt,
+                    },
+                    other => other.into(),
+                })?;
             let mut batch = Batch::default();
             let critical = running.is_some();
             if let Some(t) = running {
@@ -1190,13 +1228,6 @@ impl CoordinatorState {
             drop(commit);
         }
         Ok(EventsAccepted { last_seq })
-    }
-
-    fn lease_error(&self, e: QueueError) -> CoordinatorError {
-        match e {
-            QueueError::NotActive(task) => CoordinatorError::LeaseLost { task, attempt: 0 },
-            other => other.into(),
-        }
     }
 
     /// `POST /tasks/{id}/result`.
@@ -1250,7 +1281,11 @@ impl CoordinatorState {
                 // answer) is acknowledged again; anything else lost its lease.
                 self.barrier().await?;
                 match self.read_result(id)? {
-                    Some(r) if r.agent == Some(p.key) && r.attempt == attempt => {
+                    Some(r)
+                        if r.agent == Some(p.key)
+                            && r.attempt == attempt
+                            && same_outcome(&r.outcome, &req.outcome) =>
+                    {
                         let state = ResultView::from(&r).state;
                         Ok(ResultAccepted {
                             state,
@@ -1258,6 +1293,7 @@ impl CoordinatorState {
                             cancel: Vec::new(),
                         })
                     }
+                    // Finished some other way (cancelled, expired, another report).
                     _ => Err(CoordinatorError::LeaseLost { task: id, attempt }),
                 }
             }
@@ -1265,7 +1301,7 @@ impl CoordinatorState {
         }
     }
 
-    /// `GET /agents`.
+    /// `GET /agents`: live agents, then agents known from earlier sessions.
     pub fn agents(&self) -> Vec<AgentView> {
         let core = self.lock();
         let mut v: Vec<AgentView> = core
@@ -1273,6 +1309,7 @@ impl CoordinatorState {
             .values()
             .map(|e| AgentView {
                 agent: e.record.key,
+                live: true,
                 local: e.record.local,
                 capabilities: e.record.capabilities.clone(),
                 session: e.session,
@@ -1282,6 +1319,23 @@ impl CoordinatorState {
             })
             .collect();
         v.sort_by_key(|a| a.registered_ms);
+        let mut offline: Vec<AgentView> = core
+            .known_agents
+            .values()
+            .filter(|r| !core.agents.contains_key(&r.key))
+            .map(|r| AgentView {
+                agent: r.key,
+                live: false,
+                local: r.local,
+                capabilities: r.capabilities.clone(),
+                session: 0,
+                registered_ms: r.registered_ms,
+                last_seen_ms: r.registered_ms,
+                leases: core.queue.leases_of(&r.key) as u32,
+            })
+            .collect();
+        offline.sort_by_key(|a| a.registered_ms);
+        v.extend(offline);
         v
     }
 
@@ -1337,12 +1391,25 @@ impl CoordinatorState {
         Ok(next)
     }
 
-    /// Deletes finished tasks older than `coordinator.task_retention`, a batch at a time.
-    /// Returns how many were deleted.
+    /// Deletes finished tasks older than `coordinator.task_retention`, in batches of
+    /// `PURGE_BATCH` until none are left. Returns how many were deleted.
     ///
     /// # Errors
     /// Storage.
     pub async fn purge_old(&self) -> Result<usize, CoordinatorError> {
+        let mut total = 0;
+        loop {
+            let n = self.purge_batch().await?;
+            total += n;
+            if n < PURGE_BATCH || self.0.shutdown.is_cancelled() {
+                return Ok(total);
+            }
+            // Let requests run between batches.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn purge_batch(&self) -> Result<usize, CoordinatorError> {
         let cutoff =
             now_ms().saturating_sub(self.0.cfg.coordinator.task_retention.as_millis() as u64);
         let victims: Vec<TaskRecord> = self
@@ -1355,7 +1422,7 @@ impl CoordinatorState {
                     let Ok(id) = <[u8; 16]>::try_from(k) else {
                         continue;
                     };
-                    if Ulid::from_bytes(id).timestamp_ms() >= cutoff || out.len() >= 1000 {
+                    if Ulid::from_bytes(id).timestamp_ms() >= cutoff || out.len() >= PURGE_BATCH {
                         break;
                     }
                     let rec: TaskRecord = decode("tasks", v)?;
@@ -1392,6 +1459,24 @@ impl CoordinatorState {
             })
             .await?;
         Ok(n)
+    }
+}
+
+/// Whether a stored outcome is what `reported` would have produced (an agent repeating a report
+/// whose answer it lost).
+fn same_outcome(stored: &Outcome, reported: &ReportedOutcome) -> bool {
+    match (stored, reported) {
+        (Outcome::Succeeded { output }, ReportedOutcome::Succeeded { output: o }) => {
+            serde_json::from_str::<serde_json::Value>(output).is_ok_and(|v| v == *o)
+        }
+        (
+            Outcome::Failed { error },
+            ReportedOutcome::Failed {
+                error: e,
+                retryable: false,
+            },
+        ) => error == e,
+        _ => false,
     }
 }
 

@@ -9,6 +9,8 @@
 //! # Who calls it
 //! Local services only (the worker and the IDE provider); it is never exposed to the mesh.
 
+pub mod gguf;
+
 use std::sync::Arc;
 
 use axum::Router;

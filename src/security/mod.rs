@@ -7,8 +7,8 @@
 //! from the request extensions.
 //!
 //! # Order of checks (DESIGN.md §6)
-//! 1. body size cap (413) — before anything is buffered beyond the limit;
-//! 2. per-IP rate limit (in [`crate::http::limit_by_ip`], in front of this middleware);
+//! 1. per-IP rate limit (in [`crate::http::limit_by_ip`], in front of this middleware);
+//! 2. body size cap (413) — before anything is buffered beyond the limit;
 //! 3. header profile, algorithm, tag and time window ([`httpsig::parse`]) — cheap, no key needed;
 //! 4. key authorisation ([`KeyResolver`]) — unknown keys are refused before any curve arithmetic;
 //! 5. `verify_strict` over the signature base, then the body digest ([`httpsig::verify`]);
@@ -138,17 +138,17 @@ impl Verifier {
     pub fn register_metrics(&self, reg: &mut Registry, prefix: &str) {
         reg.register(
             format!("{prefix}_rejected"),
-            "Signed requests rejected, by reason code.",
+            "Signed requests rejected, by reason code",
             self.rejected.clone(),
         );
         reg.register(
             format!("{prefix}_accepted"),
-            "Signed requests accepted.",
+            "Signed requests accepted",
             self.accepted.clone(),
         );
         reg.register(
             format!("{prefix}_rate_limited"),
-            "Authenticated requests refused by the per-key limit.",
+            "Authenticated requests refused by the per-key limit",
             self.rate_limited.clone(),
         );
     }

@@ -92,8 +92,11 @@ pub async fn run<H: ProbeHost + Sync>(
             retryable: false,
         });
     }
-    if p.events > 0 {
-        let events = (0..p.events)
+    let per_post = crate::coordinator::model::MAX_EVENTS_PER_POST as u32;
+    let mut i = 0;
+    while i < p.events {
+        let end = (i + per_post).min(p.events);
+        let events = (i..end)
             .map(|i| NewEvent {
                 kind: crate::coordinator::model::EventKind::Progress,
                 data: serde_json::json!({ "i": i, "of": p.events }),
@@ -102,6 +105,7 @@ pub async fn run<H: ProbeHost + Sync>(
         if !host.emit(events).await {
             return None;
         }
+        i = end;
     }
     if !busy.is_zero() {
         tokio::select! {
@@ -139,6 +143,7 @@ mod tests {
 
     impl ProbeHost for Sink {
         async fn emit(&self, events: Vec<NewEvent>) -> bool {
+            assert!(events.len() <= crate::coordinator::model::MAX_EVENTS_PER_POST);
             self.0.lock().unwrap().extend(events);
             true
         }
