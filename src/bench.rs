@@ -66,6 +66,8 @@ fn spawn_node(exe: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Child> {
             "log=\"warn\"",
         ])
         .args(extra)
+        // Benchmarks never download the default model.
+        .env("EDGECODER_INFERENCE__AUTO_PULL", "false")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -98,6 +98,9 @@ pub enum Command {
     /// Submit and inspect tasks.
     #[command(subcommand)]
     Task(TaskCmd),
+    /// Manage GGUF models on this node (pull, add, list, info, rm, load, unload).
+    #[command(subcommand)]
+    Model(ModelCmd),
     /// Summarise a running node.
     Status(ConnectArgs),
     /// Create a key file and print its key id (for coordinator.agent_keys / client_keys).
@@ -157,12 +160,85 @@ pub struct WorkerCmd {
     /// Exit when this process stops being our parent (set by the node).
     #[arg(long, hide = true)]
     pub parent_pid: Option<u32>,
+    /// Inference service URL; with it the worker runs chat and completion tasks.
+    #[arg(long, value_name = "URL")]
+    pub inference: Option<String>,
     /// Log filter.
     #[arg(long, default_value = "info")]
     pub log: String,
     /// Time running tasks get to finish after SIGTERM.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+}
+
+/// `edgecoder model ...`.
+#[derive(Debug, Subcommand)]
+pub enum ModelCmd {
+    /// Download a GGUF model (resumable, verified) into the store. URL may also be a catalog name.
+    Pull {
+        /// https URL of a .gguf file, or a catalog name (see `model catalog`).
+        url: String,
+        /// Expected sha256 (hex); a mismatch stores nothing.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Name in the store (default: from the URL).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Copy a local GGUF file into the store (it is validated first).
+    Add {
+        /// The file.
+        file: PathBuf,
+        /// Name in the store (default: from the file name).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// List models from every backend.
+    List {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Show a model's architecture, size, context, quantisation and chat template.
+    Info {
+        /// Model name.
+        name: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Remove a model from the store.
+    Rm {
+        /// Model name.
+        name: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Load a model now (it also loads on first use).
+    Load {
+        /// Model name.
+        name: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Unload a model.
+    Unload {
+        /// Model name.
+        name: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// The built-in catalog of default models per resource class.
+    Catalog,
 }
 
 /// `edgecoder task ...`.
@@ -278,6 +354,251 @@ pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
         )
     })?;
     Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
+}
+
+/// A signed client for the node's inference service.
+///
+/// # Errors
+/// Configuration problems, an unreadable key.
+pub fn connect_inference(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let (cfg, _) = Config::load(&conn.config.overrides(), &env)?;
+    let key_path = conn
+        .key
+        .clone()
+        .unwrap_or_else(|| identity_path(&cfg.data_dir));
+    let identity = Identity::load(&key_path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (run as the node's user, or pass --key)",
+            key_path.display()
+        )
+    })?;
+    let url = match NodeInfo::read(&cfg.data_dir) {
+        Ok(info) => format!("http://{}", crate::node::local_addr(info.inference)),
+        Err(_) => format!(
+            "http://{}",
+            crate::node::local_addr(cfg.addr(&cfg.inference.listen))
+        ),
+    };
+    Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Draws a one-line progress bar on stderr (only when it is a terminal).
+fn progress_bar(done: u64, total: Option<u64>, started: std::time::Instant) {
+    use std::io::{IsTerminal, Write};
+    let mut err = std::io::stderr();
+    if !err.is_terminal() {
+        return;
+    }
+    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+    let line = match total {
+        Some(t) if t > 0 => {
+            let frac = (done as f64 / t as f64).min(1.0);
+            let width = 30;
+            let filled = (frac * width as f64) as usize;
+            format!(
+                "\r[{}{}] {:>5.1}% {} / {}  {}/s   ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                frac * 100.0,
+                human_bytes(done),
+                human_bytes(t),
+                human_bytes(rate as u64)
+            )
+        }
+        _ => format!("\r{}  {}/s   ", human_bytes(done), human_bytes(rate as u64)),
+    };
+    let _ = err.write_all(line.as_bytes());
+    let _ = err.flush();
+}
+
+/// Runs a `model` subcommand; returns the exit code.
+///
+/// # Errors
+/// Connection, API and argument errors.
+pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
+    use crate::inference::api::{AddRequest, ModelView, PullEvent, PullRequest};
+    match cmd {
+        ModelCmd::Catalog => {
+            for e in crate::inference::catalog::CATALOG {
+                println!(
+                    "{:<40} {:>10}  class {:?}\n    {}",
+                    e.name,
+                    human_bytes(e.approx_size),
+                    e.class,
+                    e.url
+                );
+            }
+            Ok(0)
+        }
+        ModelCmd::Pull {
+            url,
+            sha256,
+            name,
+            conn,
+        } => {
+            use futures_util::StreamExt;
+            let client = connect_inference(&conn)?;
+            let body = serde_json::to_vec(&PullRequest { url, sha256, name })?;
+            let target = client.base().join("/models/pull")?;
+            let resp = client
+                .signed(
+                    Method::POST,
+                    &target,
+                    body,
+                    Duration::from_secs(7 * 24 * 3600),
+                )
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                bail!("{status}: {}", resp.text().await.unwrap_or_default());
+            }
+            let started = std::time::Instant::now();
+            let mut stream = resp.bytes_stream();
+            let mut buf = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                buf.extend_from_slice(&chunk?);
+                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    match serde_json::from_slice::<PullEvent>(&line)? {
+                        PullEvent::Progress {
+                            done,
+                            total,
+                            resumed_from,
+                        } => {
+                            if resumed_from > 0 && done == resumed_from {
+                                eprintln!("resuming at {}", human_bytes(resumed_from));
+                            }
+                            progress_bar(done, total, started);
+                        }
+                        PullEvent::Verifying => eprintln!("\nverifying sha256 and GGUF structure"),
+                        PullEvent::Done { model } => {
+                            print_json(&model)?;
+                            return Ok(0);
+                        }
+                        PullEvent::Error { code, message } => {
+                            eprintln!();
+                            bail!("{code}: {message}");
+                        }
+                    }
+                }
+            }
+            bail!("the node ended the pull without a result")
+        }
+        ModelCmd::Add { file, name, conn } => {
+            let client = connect_inference(&conn)?;
+            let path =
+                std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
+            let view: ModelView = client
+                .post(
+                    "/models/add",
+                    &AddRequest {
+                        path: path.display().to_string(),
+                        name,
+                    },
+                )
+                .await?;
+            print_json(&view)?;
+            Ok(0)
+        }
+        ModelCmd::List { conn } => {
+            let client = connect_inference(&conn)?;
+            let list: Vec<ModelView> = client.get("/models").await?;
+            if conn.json {
+                print_json(&list)?;
+                return Ok(0);
+            }
+            if list.is_empty() {
+                println!(
+                    "no models; add one with `edgecoder model pull URL` or `edgecoder model add FILE.gguf`"
+                );
+            }
+            for m in list {
+                let detail = m.info.as_ref().map_or(String::new(), |i| {
+                    format!(
+                        "{} {:.2}B params {} ctx {}",
+                        i.architecture,
+                        i.parameters as f64 / 1e9,
+                        i.quantization,
+                        i.context_length
+                    )
+                });
+                println!(
+                    "{:<40} {:<7} {:>10} {}{}",
+                    m.name,
+                    m.backend,
+                    m.size.map(human_bytes).unwrap_or_default(),
+                    detail,
+                    if m.loaded { "  (loaded)" } else { "" }
+                );
+            }
+            Ok(0)
+        }
+        ModelCmd::Info { name, conn } => {
+            let client = connect_inference(&conn)?;
+            let m: ModelView = client.get(&format!("/models/{name}")).await?;
+            print_json(&m)?;
+            Ok(0)
+        }
+        ModelCmd::Rm { name, conn } => {
+            let client = connect_inference(&conn)?;
+            let url = client.base().join(&format!("/models/{name}"))?;
+            let resp = client
+                .signed(Method::DELETE, &url, Vec::new(), Duration::from_secs(30))
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                bail!("{status}: {}", resp.text().await.unwrap_or_default());
+            }
+            eprintln!("removed {name}");
+            Ok(0)
+        }
+        ModelCmd::Load { name, conn } => {
+            let client = connect_inference(&conn)?;
+            let v: serde_json::Value = client
+                .send::<(), serde_json::Value>(
+                    Method::POST,
+                    &format!("/models/{name}/load"),
+                    None,
+                    Some(Duration::from_secs(600)),
+                )
+                .await?
+                .body;
+            print_json(&v)?;
+            Ok(0)
+        }
+        ModelCmd::Unload { name, conn } => {
+            let client = connect_inference(&conn)?;
+            let v: serde_json::Value = client
+                .send::<(), serde_json::Value>(
+                    Method::POST,
+                    &format!("/models/{name}/unload"),
+                    None,
+                    None,
+                )
+                .await?
+                .body;
+            print_json(&v)?;
+            Ok(0)
+        }
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -479,7 +800,8 @@ pub async fn status(conn: ConnectArgs) -> anyhow::Result<u8> {
     // /status is unsigned: no key needed.
     let (base, _) = resolve(&conn)?;
     let url = reqwest::Url::parse(&base)?.join("/status")?;
-    let v: serde_json::Value = reqwest::Client::new()
+    let v: serde_json::Value = crate::http::client_builder()
+        .build()?
         .get(url.clone())
         .timeout(Duration::from_secs(10))
         .send()

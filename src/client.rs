@@ -99,7 +99,7 @@ impl CoordinatorClient {
     /// An invalid URL.
     pub fn new(base: &str, identity: Arc<Identity>) -> Result<Self, ClientError> {
         let base = Url::parse(base).map_err(|e| ClientError::Url(format!("{base}: {e}")))?;
-        let http = reqwest::Client::builder()
+        let http = crate::http::client_builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()

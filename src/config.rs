@@ -62,7 +62,7 @@ pub struct Config {
     /// The coordinator service (:4301).
     pub coordinator: CoordinatorConfig,
     /// The inference service (:4302).
-    pub inference: Listen,
+    pub inference: InferenceConfig,
     /// The control plane (:4303).
     pub control_plane: Listen,
     /// The IDE provider (:4304).
@@ -102,6 +102,33 @@ pub struct CoordinatorConfig {
     pub agent_keys: Vec<KeyId>,
     /// Public keys allowed to submit and read tasks (the node's own key is always allowed).
     pub client_keys: Vec<KeyId>,
+}
+
+/// Inference settings.
+#[derive(Debug, Clone)]
+pub struct InferenceConfig {
+    /// Where the inference service listens.
+    pub listen: Listen,
+    /// CPU threads for a model's slots together; 0 means the number of physical cores.
+    pub threads: u32,
+    /// Generations a loaded model runs at once (each slot has its own context).
+    pub slots: u32,
+    /// Requests waiting for a slot before new ones get 503.
+    pub queue_depth: usize,
+    /// Context length per slot, in tokens (capped by the model's own).
+    pub context: u32,
+    /// Prompt tokens evaluated per step.
+    pub batch: u32,
+    /// Model layers offloaded to a GPU (needs a GPU build).
+    pub gpu_layers: u32,
+    /// Models kept loaded at once; loading another unloads the least recently used idle one.
+    pub max_loaded_models: usize,
+    /// An idle model is unloaded after this long.
+    pub keep_alive: Duration,
+    /// An Ollama server whose models are offered too, e.g. `http://127.0.0.1:11434`.
+    pub ollama_url: Option<String>,
+    /// Pull the catalog's default model for this box on boot when no model is installed.
+    pub auto_pull: bool,
 }
 
 /// Worker settings.
@@ -231,7 +258,19 @@ impl Default for Config {
                 agent_keys: Vec::new(),
                 client_keys: Vec::new(),
             },
-            inference: Listen::new(local, INFERENCE_PORT),
+            inference: InferenceConfig {
+                listen: Listen::new(local, INFERENCE_PORT),
+                threads: 0,
+                slots: 1,
+                queue_depth: 8,
+                context: 4096,
+                batch: 512,
+                gpu_layers: 0,
+                max_loaded_models: 1,
+                keep_alive: Duration::from_secs(30 * 60),
+                ollama_url: None,
+                auto_pull: true,
+            },
             control_plane: Listen::new(local, CONTROL_PLANE_PORT),
             ide: Listen::new(any, IDE_PORT),
             worker: WorkerConfig {
@@ -295,7 +334,8 @@ impl Config {
             ..Config::default()
         };
         c.coordinator.listen.port = 0;
-        c.inference.port = 0;
+        c.inference.listen.port = 0;
+        c.inference.auto_pull = false;
         c.control_plane.port = 0;
         c.ide.port = 0;
         c
@@ -476,6 +516,32 @@ impl Config {
         if s.nonce_cache_max < 1000 {
             p.push("security.nonce_cache_max: must be at least 1000".into());
         }
+        let i = &self.inference;
+        if !(1..=64).contains(&i.slots) {
+            p.push("inference.slots: must be between 1 and 64".into());
+        }
+        if i.threads > 1024 {
+            p.push("inference.threads: must be at most 1024 (0 means physical cores)".into());
+        }
+        if i.queue_depth == 0 {
+            p.push("inference.queue_depth: must be at least 1".into());
+        }
+        if !(64..=1 << 20).contains(&i.context) {
+            p.push("inference.context: must be between 64 and 1048576 tokens".into());
+        }
+        if !(32..=8192).contains(&i.batch) {
+            p.push("inference.batch: must be between 32 and 8192".into());
+        }
+        if i.max_loaded_models == 0 {
+            p.push("inference.max_loaded_models: must be at least 1".into());
+        }
+        if let Some(u) = &i.ollama_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            p.push(format!(
+                "inference.ollama_url: {u:?} must start with http:// or https://"
+            ));
+        }
         if self.store.map_size < (1 << 20) {
             p.push("store.map_size: must be at least 1MiB".into());
         }
@@ -491,7 +557,7 @@ impl Config {
         let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
         for (name, l) in [
             ("coordinator.port", &self.coordinator.listen),
-            ("inference.port", &self.inference),
+            ("inference.port", &self.inference.listen),
             ("control_plane.port", &self.control_plane),
             ("ide.port", &self.ide),
         ] {
@@ -605,11 +671,27 @@ impl<'p> Reader<'p> {
         self.keys(&mut t, s, "client_keys", &mut c.coordinator.client_keys);
         self.finish(t, "coordinator");
 
-        for (name, l) in [
-            ("inference", &mut c.inference),
-            ("control_plane", &mut c.control_plane),
-            ("ide", &mut c.ide),
-        ] {
+        let mut t = self.section(&mut root, "inference");
+        let s = "inference.";
+        self.listen(&mut t, s, &mut c.inference.listen);
+        self.get(&mut t, s, "threads", &mut c.inference.threads);
+        self.get(&mut t, s, "slots", &mut c.inference.slots);
+        self.get(&mut t, s, "queue_depth", &mut c.inference.queue_depth);
+        self.get(&mut t, s, "context", &mut c.inference.context);
+        self.get(&mut t, s, "batch", &mut c.inference.batch);
+        self.get(&mut t, s, "gpu_layers", &mut c.inference.gpu_layers);
+        self.get(
+            &mut t,
+            s,
+            "max_loaded_models",
+            &mut c.inference.max_loaded_models,
+        );
+        self.duration(&mut t, s, "keep_alive", &mut c.inference.keep_alive);
+        self.opt_string(&mut t, s, "ollama_url", &mut c.inference.ollama_url);
+        self.get(&mut t, s, "auto_pull", &mut c.inference.auto_pull);
+        self.finish(t, "inference");
+
+        for (name, l) in [("control_plane", &mut c.control_plane), ("ide", &mut c.ide)] {
             let mut t = self.section(&mut root, name);
             self.listen(&mut t, &format!("{name}."), l);
             self.finish(t, name);
@@ -885,7 +967,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.coordinator.listen.port, COORDINATOR_PORT);
-        assert_eq!(c.addr(&c.inference).to_string(), "127.0.0.1:4302");
+        assert_eq!(c.addr(&c.inference.listen).to_string(), "127.0.0.1:4302");
         assert_eq!(c.addr(&c.ide).to_string(), "0.0.0.0:4304");
     }
 
@@ -954,7 +1036,7 @@ mod tests {
         assert_eq!(c.coordinator.max_attempts, 5);
         assert_eq!(c.ide.port, 6000);
         assert_eq!(c.worker.slots, 3);
-        assert_eq!(c.addr(&c.inference).to_string(), "127.0.0.2:4302");
+        assert_eq!(c.addr(&c.inference.listen).to_string(), "127.0.0.2:4302");
     }
 
     #[test]

@@ -355,3 +355,14 @@ pub fn base_router(
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(limits, limit_by_ip))
 }
+
+/// A reqwest client builder with TLS ready: installs ring as rustls' process-wide crypto provider
+/// the first time (reqwest is built without a provider of its own to keep aws-lc out).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        // Err means another provider was installed first, which is just as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}

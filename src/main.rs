@@ -23,6 +23,13 @@ fn init_logging(filter: &str) {
 }
 
 fn main() -> ExitCode {
+    // ggml prints a backtrace with gdb when it aborts; on a box that is slow and leaks paths.
+    // Set before any thread starts, so no other thread can be reading the environment.
+    #[allow(unsafe_code)]
+    // SAFETY: single-threaded at this point (the runtime is built below).
+    unsafe {
+        std::env::set_var("GGML_NO_BACKTRACE", "1");
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -70,11 +77,13 @@ fn main() -> ExitCode {
                     key_file: w.key,
                     slots: w.slots,
                     parent_pid: w.parent_pid,
+                    inference: w.inference,
                 };
                 edgecoder::worker::run(args, stop, w.grace).await?;
                 Ok(0)
             }
             Command::Task(t) => edgecoder::cli::task(t).await,
+            Command::Model(m) => edgecoder::cli::model(m).await,
             Command::Status(c) => edgecoder::cli::status(c).await,
             Command::Keygen { out } => {
                 let (id, created) = edgecoder::identity::Identity::load_or_create(&out)?;

@@ -57,6 +57,9 @@ pub enum NodeError {
     /// A listener could not be bound.
     #[error("{0}")]
     Bind(std::io::Error),
+    /// The inference service could not start.
+    #[error("inference: {0}")]
+    Inference(String),
     /// A service stopped on its own.
     #[error("service {service} stopped unexpectedly: {reason}")]
     ServiceDied {
@@ -194,6 +197,12 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
     let serve = CancellationToken::new();
     let worker_token = CancellationToken::new();
 
+    // One replay cache for every signed port: a nonce is spent wherever it was first used.
+    let nonces = Arc::new(crate::security::nonce::NonceCache::load(
+        store.clone(),
+        cfg.security.nonce_cache_max,
+        crate::clock::now_ms() / 1000,
+    )?);
     let mut coordinator = crate::coordinator::spawn(
         &cfg,
         store.clone(),
@@ -202,9 +211,24 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         health.clone(),
         process.clone(),
         limits.clone(),
+        nonces.clone(),
         services.clone(),
     )?;
-    let coordinator_loops = std::mem::take(&mut coordinator.loops);
+    let mut coordinator_loops = std::mem::take(&mut coordinator.loops);
+    let inference = crate::inference::spawn(
+        &cfg,
+        store.clone(),
+        identity.key_id(),
+        worker_key,
+        nonces,
+        health.clone(),
+        process.clone(),
+        limits.clone(),
+        tracker.clone(),
+        services.clone(),
+    )
+    .map_err(|e| NodeError::Inference(e.to_string()))?;
+    coordinator_loops.push(("inference.background", inference.task));
     let routers = [
         (
             "coordinator",
@@ -213,8 +237,8 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         ),
         (
             "inference",
-            cfg.addr(&cfg.inference),
-            crate::inference::router(health.clone(), process.clone(), limits.clone()),
+            cfg.addr(&cfg.inference.listen),
+            inference.router,
         ),
         (
             "control_plane",
@@ -295,6 +319,8 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             worker_key_path(&cfg.data_dir).display().to_string(),
             "--slots".into(),
             cfg.worker.slots.to_string(),
+            "--inference".into(),
+            format!("http://{}", local_addr(info.inference)),
             "--parent-pid".into(),
             std::process::id().to_string(),
             "--log".into(),

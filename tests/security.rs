@@ -60,7 +60,9 @@ fn craft(
 
 impl Crafted {
     async fn send_to(&self, url: &str, body: &[u8]) -> (u16, String, Option<String>) {
-        let resp = reqwest::Client::new()
+        let resp = edgecoder::http::client_builder()
+            .build()
+            .unwrap()
             .request(self.method.clone(), url)
             .header("content-digest", &self.headers.content_digest)
             .header("signature-input", &self.headers.signature_input)
@@ -148,7 +150,9 @@ async fn every_attack_is_rejected_with_its_own_code_and_replays_stay_rejected_af
     assert_eq!(forged.send().await, (401, "bad_signature".into()));
 
     // Unsigned.
-    let resp = reqwest::Client::new()
+    let resp = edgecoder::http::client_builder()
+        .build()
+        .unwrap()
         .post(&tasks)
         .header("content-type", "application/json")
         .body(PROBE)
@@ -264,7 +268,7 @@ async fn a_flooding_address_is_throttled_before_authentication() {
         "--set",
         "security.per_ip_burst=10",
     ]);
-    let client = reqwest::Client::new();
+    let client = edgecoder::http::client_builder().build().unwrap();
     let mut codes = Vec::new();
     for _ in 0..40 {
         let r = client

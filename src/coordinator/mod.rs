@@ -110,6 +110,7 @@ pub fn spawn(
     health: Arc<NodeHealth>,
     process: Arc<ProcessMetrics>,
     limits: Arc<RateLimits>,
+    nonces: Arc<NonceCache>,
     token: CancellationToken,
 ) -> Result<Coordinator, StoreError> {
     let state = CoordinatorState::load(
@@ -129,8 +130,6 @@ pub fn spawn(
         agents,
         clients: cfg.coordinator.client_keys.iter().copied().collect(),
     };
-    let now_s = crate::clock::now_ms() / 1000;
-    let nonces = NonceCache::load(store.clone(), cfg.security.nonce_cache_max, now_s)?;
     let verifier = Arc::new(Verifier::new(
         VerifierConfig {
             window: cfg.security.signature_window,

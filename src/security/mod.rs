@@ -87,7 +87,7 @@ pub struct VerifierConfig {
 /// The request verifier shared by a service's routes.
 pub struct Verifier {
     cfg: VerifierConfig,
-    nonces: NonceCache,
+    nonces: Arc<NonceCache>,
     limits: Arc<RateLimits>,
     resolver: Arc<dyn KeyResolver>,
     store: Option<Store>,
@@ -115,7 +115,7 @@ impl Verifier {
     /// A verifier. `store`, when given, makes the nonce cache durable.
     pub fn new(
         cfg: VerifierConfig,
-        nonces: NonceCache,
+        nonces: Arc<NonceCache>,
         limits: Arc<RateLimits>,
         resolver: Arc<dyn KeyResolver>,
         store: Option<Store>,

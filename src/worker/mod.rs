@@ -17,6 +17,7 @@
 //! An answer of `agent_not_registered` (the node restarted, or reaped this agent) starts again
 //! at step 1, listing the tasks still running so their leases are kept.
 
+mod generate;
 pub mod probe;
 pub mod supervisor;
 
@@ -56,6 +57,8 @@ pub struct WorkerArgs {
     pub slots: u32,
     /// Exit when this process is no longer our parent (the node died).
     pub parent_pid: Option<u32>,
+    /// The inference service that runs `chat` and `completion` tasks (none: probes only).
+    pub inference: Option<String>,
 }
 
 /// Worker failures that end the process.
@@ -90,6 +93,10 @@ struct Worker {
     slot_freed: Notify,
     tasks: TaskTracker,
     parent_pid: Option<u32>,
+    /// Signed client for the inference service, when there is one.
+    inference: Option<CoordinatorClient>,
+    /// The models advertised at the last registration.
+    advertised: Mutex<Vec<String>>,
 }
 
 /// Runs the worker until `shutdown` is cancelled (then lets running tasks finish, up to `grace`).
@@ -106,8 +113,13 @@ pub async fn run(
         tracing::info!(key = %identity.key_id(), file = %args.key_file.display(), "worker created its key");
     }
     let agent = identity.key_id().to_string();
-    let client = CoordinatorClient::new(&args.coordinator, Arc::new(identity))
-        .map_err(WorkerError::Client)?;
+    let identity = Arc::new(identity);
+    let client =
+        CoordinatorClient::new(&args.coordinator, identity.clone()).map_err(WorkerError::Client)?;
+    let inference = match &args.inference {
+        Some(u) => Some(CoordinatorClient::new(u, identity).map_err(WorkerError::Client)?),
+        None => None,
+    };
     let slots = args.slots.max(1);
     let w = Arc::new(Worker {
         client,
@@ -119,6 +131,8 @@ pub async fn run(
         slot_freed: Notify::new(),
         tasks: TaskTracker::new(),
         parent_pid: args.parent_pid,
+        inference,
+        advertised: Mutex::new(Vec::new()),
     });
     let result = w.clone().session_loop(shutdown.clone()).await;
     // Stop taking work; give running tasks the grace period to report.
@@ -177,10 +191,16 @@ impl Worker {
     ) -> Result<Option<Registered>, WorkerError> {
         let mut backoff = RETRY_MIN;
         loop {
+            let models = self.local_models().await;
+            let mut kinds = vec![TaskKind::Probe];
+            if !models.is_empty() {
+                kinds.extend([TaskKind::Chat, TaskKind::Completion]);
+            }
+            *self.advertised.lock().unwrap_or_else(|p| p.into_inner()) = models.clone();
             let req = RegisterAgent {
                 capabilities: Capabilities {
-                    kinds: vec![TaskKind::Probe],
-                    models: Vec::new(),
+                    kinds,
+                    models,
                     resource_class: ResourceClass::default(),
                     slots: self.slots,
                 },
@@ -218,6 +238,27 @@ impl Worker {
         }
     }
 
+    /// Names of the models the inference service offers (empty without one, or when it is down).
+    async fn local_models(&self) -> Vec<String> {
+        let Some(inf) = &self.inference else {
+            return Vec::new();
+        };
+        match inf
+            .get::<Vec<crate::inference::api::ModelView>>("/models")
+            .await
+        {
+            Ok(list) => {
+                let mut names: Vec<String> = list.into_iter().map(|m| m.name).collect();
+                names.sort();
+                names
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "worker.models inference unavailable");
+                Vec::new()
+            }
+        }
+    }
+
     fn cancel_tasks(&self, ids: &[TaskId]) {
         let map = self.lock();
         for id in ids {
@@ -237,6 +278,16 @@ impl Worker {
             }
             if self.parent_gone() {
                 tracing::warn!("worker.heartbeat parent process is gone; exiting");
+                end.cancel();
+                return;
+            }
+            // Models added or removed since registration: register again to advertise them.
+            let models = self.local_models().await;
+            if models != *self.advertised.lock().unwrap_or_else(|p| p.into_inner()) {
+                tracing::info!(
+                    ?models,
+                    "worker.heartbeat models changed; registering again"
+                );
                 end.cancel();
                 return;
             }
@@ -368,6 +419,13 @@ impl Worker {
             TaskKind::Probe => {
                 probe::run(&task.payload, task.attempt, &self.agent, &host, &cancel).await
             }
+            TaskKind::Chat | TaskKind::Completion => match &self.inference {
+                Some(inf) => generate::run(inf, &task, &host, &cancel).await,
+                None => Some(ReportedOutcome::Failed {
+                    error: "this worker has no inference service".into(),
+                    retryable: true,
+                }),
+            },
             other => Some(ReportedOutcome::Failed {
                 error: format!("this worker does not run {} tasks", other.as_str()),
                 retryable: true,

@@ -72,11 +72,70 @@ impl ModelSpec {
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 const WORDS: &[&str] = &[
-    "hello", "world", "the", "llama", "model", "code", "fn", "main", "let", "return", "def", "print",
-    "import", "class", "self", "true", "false", "if", "else", "for", "while", "in", "is", "a", "an",
-    "and", "or", "not", "to", "of", "it", "that", "this", "with", "you", "are", "what", "how", "why",
-    "user", "assistant", "system", "write", "function", "python", "rust", "sum", "list", "value", "x",
-    "y", "z", "i", "j", "n", "data", "error", "ok", "none", "some", "int", "str", "string", "vec",
+    "hello",
+    "world",
+    "the",
+    "llama",
+    "model",
+    "code",
+    "fn",
+    "main",
+    "let",
+    "return",
+    "def",
+    "print",
+    "import",
+    "class",
+    "self",
+    "true",
+    "false",
+    "if",
+    "else",
+    "for",
+    "while",
+    "in",
+    "is",
+    "a",
+    "an",
+    "and",
+    "or",
+    "not",
+    "to",
+    "of",
+    "it",
+    "that",
+    "this",
+    "with",
+    "you",
+    "are",
+    "what",
+    "how",
+    "why",
+    "user",
+    "assistant",
+    "system",
+    "write",
+    "function",
+    "python",
+    "rust",
+    "sum",
+    "list",
+    "value",
+    "x",
+    "y",
+    "z",
+    "i",
+    "j",
+    "n",
+    "data",
+    "error",
+    "ok",
+    "none",
+    "some",
+    "int",
+    "str",
+    "string",
+    "vec",
 ];
 
 /// One vocabulary entry.
@@ -88,17 +147,37 @@ struct Tok {
 
 fn vocab(spec: &ModelSpec) -> (Vec<Tok>, Vec<(&'static str, u32)>) {
     let mut v = vec![
-        Tok { text: "<unk>".into(), score: 0.0, kind: 2 },
-        Tok { text: "<s>".into(), score: 0.0, kind: 3 },
-        Tok { text: "</s>".into(), score: 0.0, kind: 3 },
+        Tok {
+            text: "<unk>".into(),
+            score: 0.0,
+            kind: 2,
+        },
+        Tok {
+            text: "<s>".into(),
+            score: 0.0,
+            kind: 3,
+        },
+        Tok {
+            text: "</s>".into(),
+            score: 0.0,
+            kind: 3,
+        },
     ];
     for b in 0..=255u32 {
-        v.push(Tok { text: format!("<0x{b:02X}>"), score: 0.0, kind: 6 });
+        v.push(Tok {
+            text: format!("<0x{b:02X}>"),
+            score: 0.0,
+            kind: 6,
+        });
     }
     let mut ids = Vec::new();
     if spec.chatml {
         for t in ["<|im_start|>", "<|im_end|>"] {
-            v.push(Tok { text: t.into(), score: 0.0, kind: 3 });
+            v.push(Tok {
+                text: t.into(),
+                score: 0.0,
+                kind: 3,
+            });
         }
     }
     if spec.fim {
@@ -108,7 +187,11 @@ fn vocab(spec: &ModelSpec) -> (Vec<Tok>, Vec<(&'static str, u32)>) {
             ("<|fim_middle|>", "tokenizer.ggml.fim_mid_token_id"),
         ] {
             ids.push((key, v.len() as u32));
-            v.push(Tok { text: t.into(), score: 0.0, kind: 3 });
+            v.push(Tok {
+                text: t.into(),
+                score: 0.0,
+                kind: 3,
+            });
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -132,7 +215,11 @@ fn vocab(spec: &ModelSpec) -> (Vec<Tok>, Vec<(&'static str, u32)>) {
     // Longer pieces merge first: SPM prefers the highest score.
     for p in pieces {
         let score = p.chars().count() as f32;
-        v.push(Tok { text: p, score, kind: 1 });
+        v.push(Tok {
+            text: p,
+            score,
+            kind: 1,
+        });
     }
     (v, ids)
 }
@@ -232,21 +319,81 @@ pub fn build(spec: &ModelSpec) -> Vec<u8> {
     let e = u64::from(spec.n_embd);
     let kv_dim = e / u64::from(spec.n_head) * u64::from(spec.n_head_kv);
     let ff = u64::from(spec.n_ff);
-    let mut tensors = vec![T { name: "token_embd.weight".into(), dims: vec![e, n_vocab], norm: false, std: 1.0 }];
+    let mut tensors = vec![T {
+        name: "token_embd.weight".into(),
+        dims: vec![e, n_vocab],
+        norm: false,
+        std: 1.0,
+    }];
     for i in 0..spec.n_layer {
         let b = |s: &str| format!("blk.{i}.{s}");
-        tensors.push(T { name: b("attn_norm.weight"), dims: vec![e], norm: true, std: 0.0 });
-        tensors.push(T { name: b("attn_q.weight"), dims: vec![e, e], norm: false, std: 0.02 });
-        tensors.push(T { name: b("attn_k.weight"), dims: vec![e, kv_dim], norm: false, std: 0.02 });
-        tensors.push(T { name: b("attn_v.weight"), dims: vec![e, kv_dim], norm: false, std: 0.02 });
-        tensors.push(T { name: b("attn_output.weight"), dims: vec![e, e], norm: false, std: 0.02 });
-        tensors.push(T { name: b("ffn_norm.weight"), dims: vec![e], norm: true, std: 0.0 });
-        tensors.push(T { name: b("ffn_gate.weight"), dims: vec![e, ff], norm: false, std: 0.02 });
-        tensors.push(T { name: b("ffn_up.weight"), dims: vec![e, ff], norm: false, std: 0.02 });
-        tensors.push(T { name: b("ffn_down.weight"), dims: vec![ff, e], norm: false, std: 0.02 });
+        tensors.push(T {
+            name: b("attn_norm.weight"),
+            dims: vec![e],
+            norm: true,
+            std: 0.0,
+        });
+        tensors.push(T {
+            name: b("attn_q.weight"),
+            dims: vec![e, e],
+            norm: false,
+            std: 0.02,
+        });
+        tensors.push(T {
+            name: b("attn_k.weight"),
+            dims: vec![e, kv_dim],
+            norm: false,
+            std: 0.02,
+        });
+        tensors.push(T {
+            name: b("attn_v.weight"),
+            dims: vec![e, kv_dim],
+            norm: false,
+            std: 0.02,
+        });
+        tensors.push(T {
+            name: b("attn_output.weight"),
+            dims: vec![e, e],
+            norm: false,
+            std: 0.02,
+        });
+        tensors.push(T {
+            name: b("ffn_norm.weight"),
+            dims: vec![e],
+            norm: true,
+            std: 0.0,
+        });
+        tensors.push(T {
+            name: b("ffn_gate.weight"),
+            dims: vec![e, ff],
+            norm: false,
+            std: 0.02,
+        });
+        tensors.push(T {
+            name: b("ffn_up.weight"),
+            dims: vec![e, ff],
+            norm: false,
+            std: 0.02,
+        });
+        tensors.push(T {
+            name: b("ffn_down.weight"),
+            dims: vec![ff, e],
+            norm: false,
+            std: 0.02,
+        });
     }
-    tensors.push(T { name: "output_norm.weight".into(), dims: vec![e], norm: true, std: 0.0 });
-    tensors.push(T { name: "output.weight".into(), dims: vec![e, n_vocab], norm: false, std: 0.5 });
+    tensors.push(T {
+        name: "output_norm.weight".into(),
+        dims: vec![e],
+        norm: true,
+        std: 0.0,
+    });
+    tensors.push(T {
+        name: "output.weight".into(),
+        dims: vec![e, n_vocab],
+        norm: false,
+        std: 0.5,
+    });
 
     let mut w = Writer { buf: Vec::new() };
     w.buf.extend_from_slice(b"GGUF");
@@ -296,7 +443,10 @@ pub fn build(spec: &ModelSpec) -> Vec<u8> {
     }
     w.kv_u32("tokenizer.ggml.unknown_token_id", 0);
     w.kv_u32("tokenizer.ggml.bos_token_id", 1);
-    w.kv_u32("tokenizer.ggml.eos_token_id", if spec.chatml { 259 + 1 } else { 2 });
+    w.kv_u32(
+        "tokenizer.ggml.eos_token_id",
+        if spec.chatml { 259 + 1 } else { 2 },
+    );
     w.kv_bool("tokenizer.ggml.add_bos_token", !spec.chatml);
     for (k, id) in &fim_ids {
         w.kv_u32(k, *id);

@@ -2,6 +2,8 @@
 //! talks to it over real HTTP.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -238,6 +240,8 @@ pub fn spawn(dir: &Path, extra: &[String], env: &[(&str, &str)]) -> Child {
         .args(defaults(extra))
         .args(extra)
         .env("NO_COLOR", "1")
+        // Tests never download the default model.
+        .env("EDGECODER_INFERENCE__AUTO_PULL", "false")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);

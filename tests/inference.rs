@@ -1,0 +1,369 @@
+//! Local inference through the real llama.cpp on a generated GGUF model (random weights, SPM
+//! vocabulary): determinism, stop strings, limits, streaming, cancellation, slots, back-pressure.
+#![cfg(feature = "llama")]
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::gguf::{ModelSpec, write};
+use edgecoder::inference::api::*;
+use edgecoder::inference::engine::{
+    EngineConfig, EngineError, LlamaEngine, Loaded, Prompt, Sampling,
+};
+use tokio_util::sync::CancellationToken;
+
+fn engine(slots: u32, queue: usize) -> LlamaEngine {
+    LlamaEngine::new(EngineConfig {
+        // One thread per slot: tests run in parallel on two cores.
+        threads: slots,
+        slots,
+        queue_depth: queue,
+        context: 256,
+        batch: 64,
+        gpu_layers: 0,
+    })
+}
+
+fn model(dir: &std::path::Path, e: &LlamaEngine, name: &str) -> Arc<Loaded> {
+    let path = dir.join(format!("{name}.gguf"));
+    write(&path, &ModelSpec::tiny());
+    let info = edgecoder::inference::gguf::inspect(&path).unwrap();
+    e.load(name, &path, info).unwrap()
+}
+
+fn greedy(max: u32, stop: &[&str]) -> Sampling {
+    Sampling {
+        max_tokens: max,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 1,
+        stop: stop.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn text(p: &str) -> Prompt {
+    Prompt::Text {
+        text: p.into(),
+        special: false,
+        add_bos: true,
+    }
+}
+
+/// Collects a generation: the text pieces and the final event.
+async fn collect(mut rx: tokio::sync::mpsc::Receiver<GenEvent>) -> (Vec<String>, GenEvent, u32) {
+    let mut pieces = Vec::new();
+    let mut prompt_tokens = 0;
+    loop {
+        match rx.recv().await.expect("a done event") {
+            GenEvent::Start {
+                prompt_tokens: p, ..
+            } => prompt_tokens = p,
+            GenEvent::Token { text } => pieces.push(text),
+            end => return (pieces, end, prompt_tokens),
+        }
+    }
+}
+
+fn completion_tokens(e: &GenEvent) -> u32 {
+    match e {
+        GenEvent::Done { usage, .. } => usage.completion_tokens,
+        other => panic!("expected done, got {other:?}"),
+    }
+}
+
+fn finish(e: &GenEvent) -> FinishReason {
+    match e {
+        GenEvent::Done { finish_reason, .. } => *finish_reason,
+        other => panic!("expected done, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_generation_is_deterministic_and_respects_max_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1, 4);
+    let m = model(dir.path(), &e, "tiny");
+    let run = || async {
+        collect(
+            m.submit(
+                text("hello world, the llama model"),
+                greedy(16, &[]),
+                CancellationToken::new(),
+            )
+            .unwrap(),
+        )
+        .await
+    };
+    let (a, end_a, prompt_tokens) = run().await;
+    let (b, end_b, _) = run().await;
+    assert_eq!(a, b, "same prompt, same greedy output");
+    // The model says add_bos_token = false (ChatML style), so: six SPM pieces, no BOS.
+    assert_eq!(prompt_tokens, 6);
+    assert_eq!(completion_tokens(&end_a), 16);
+    assert_eq!(finish(&end_a), FinishReason::Length);
+    assert_eq!(completion_tokens(&end_b), 16);
+    assert!(!a.concat().is_empty());
+    // A different seed with sampling changes nothing about greedy, but sampling is seeded too.
+    let sampled = |seed| {
+        let m = m.clone();
+        async move {
+            let s = Sampling {
+                temperature: 1.0,
+                top_p: 0.95,
+                top_k: 40,
+                seed,
+                ..greedy(12, &[])
+            };
+            collect(
+                m.submit(text("hello"), s, CancellationToken::new())
+                    .unwrap(),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(sampled(7).await, sampled(7).await, "same seed, same sample");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_end_generation_without_being_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1, 4);
+    let m = model(dir.path(), &e, "tiny");
+    let (free, _, _) = collect(
+        m.submit(text("def main"), greedy(24, &[]), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    let full = free.concat();
+    // Pick a stop string from the middle of what the model says anyway.
+    let chars: Vec<char> = full.chars().collect();
+    assert!(
+        chars.len() >= 6,
+        "model output too short to test stops: {full:?}"
+    );
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let (pieces, end, _) = collect(
+        m.submit(
+            text("def main"),
+            greedy(24, &[&stop]),
+            CancellationToken::new(),
+        )
+        .unwrap(),
+    )
+    .await;
+    let stopped = pieces.concat();
+    assert_eq!(finish(&end), FinishReason::Stop);
+    assert!(
+        !stopped.contains(&stop),
+        "{stopped:?} contains the stop {stop:?}"
+    );
+    assert_eq!(
+        stopped,
+        full[..full.find(&stop).unwrap()],
+        "the text before the first stop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_order_and_cancellation_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1, 4);
+    let m = model(dir.path(), &e, "tiny");
+    let (all, _, _) = collect(
+        m.submit(text("hello"), greedy(40, &[]), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    // The streamed pieces, in order, are the same text as the whole.
+    let mut rx = m
+        .submit(text("hello"), greedy(40, &[]), CancellationToken::new())
+        .unwrap();
+    let mut seen = String::new();
+    let mut order = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        order.push(match &ev {
+            GenEvent::Start { .. } => 's',
+            GenEvent::Token { text } => {
+                seen.push_str(text);
+                't'
+            }
+            GenEvent::Done { .. } => 'd',
+            GenEvent::Error { .. } => 'e',
+        });
+    }
+    assert_eq!(seen, all.concat());
+    assert_eq!(order.first(), Some(&'s'));
+    assert_eq!(order.last(), Some(&'d'));
+    assert!(order[1..order.len() - 1].iter().all(|c| *c == 't'));
+
+    // Cancel after the first token: the slot stops early and reports it.
+    let cancel = CancellationToken::new();
+    let mut rx = m
+        .submit(text("hello"), greedy(200, &[]), cancel.clone())
+        .unwrap();
+    let mut tokens = 0;
+    let end = loop {
+        match rx.recv().await.unwrap() {
+            GenEvent::Token { .. } => {
+                tokens += 1;
+                if tokens == 1 {
+                    cancel.cancel();
+                }
+            }
+            GenEvent::Start { .. } => {}
+            other => break other,
+        }
+    };
+    assert_eq!(finish(&end), FinishReason::Cancelled);
+    assert!(completion_tokens(&end) < 200);
+    // Dropping the receiver also stops it, and the slot is free for the next job.
+    let rx = m
+        .submit(text("hello"), greedy(200, &[]), CancellationToken::new())
+        .unwrap();
+    drop(rx);
+    let (_, end, _) = collect(
+        m.submit(text("hello"), greedy(3, &[]), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(completion_tokens(&end), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_slots_run_two_requests_and_a_full_queue_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(2, 1);
+    let m = model(dir.path(), &e, "tiny");
+    // Two long generations hold both slots.
+    let c1 = CancellationToken::new();
+    let c2 = CancellationToken::new();
+    let mut r1 = m
+        .submit(text("hello"), greedy(200, &[]), c1.clone())
+        .unwrap();
+    let mut r2 = m
+        .submit(text("world"), greedy(200, &[]), c2.clone())
+        .unwrap();
+    assert!(matches!(r1.recv().await, Some(GenEvent::Start { .. })));
+    assert!(matches!(r2.recv().await, Some(GenEvent::Start { .. })));
+    let st = m.status();
+    assert_eq!((st.slots, st.busy), (2, 2), "both slots busy at once");
+    // One may wait in the queue; the next is refused.
+    let queued = m
+        .submit(text("x"), greedy(2, &[]), CancellationToken::new())
+        .unwrap();
+    match m.submit(text("y"), greedy(2, &[]), CancellationToken::new()) {
+        Err(EngineError::Busy {
+            slots: 2, queue: 1, ..
+        }) => {}
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    c1.cancel();
+    c2.cancel();
+    let (_, end, _) = collect(queued).await;
+    assert_eq!(
+        completion_tokens(&end),
+        2,
+        "the queued request ran once a slot freed"
+    );
+    drop((r1, r2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_templates_and_fill_in_the_middle() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(1, 4);
+    let m = model(dir.path(), &e, "tiny");
+    let msgs = vec![ChatMessage {
+        role: "user".into(),
+        content: "hello".into(),
+    }];
+    // The GGUF's ChatML template is one llama.cpp knows.
+    let rendered = m.render_chat(&msgs).unwrap();
+    assert_eq!(
+        rendered,
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let req = GenerateRequest {
+        model: "tiny".into(),
+        messages: Some(msgs.clone()),
+        max_tokens: Some(4),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let (_, end, prompt_tokens) = collect(
+        m.submit(
+            m.prompt_for(&req).unwrap(),
+            greedy(4, &[]),
+            CancellationToken::new(),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert!(
+        prompt_tokens >= 6,
+        "control tokens parsed as single tokens: {prompt_tokens}"
+    );
+    assert!(matches!(end, GenEvent::Done { .. }));
+
+    // A template llama.cpp does not know goes through minijinja.
+    let mut spec = ModelSpec::tiny();
+    spec.chat_template = Some(
+        "{% for m in messages %}<<{{ m.role }}>>{{ m.content.strip() }}\n{% endfor %}<<assistant>>"
+            .into(),
+    );
+    let path = dir.path().join("custom.gguf");
+    write(&path, &spec);
+    let custom = e
+        .load(
+            "custom",
+            &path,
+            edgecoder::inference::gguf::inspect(&path).unwrap(),
+        )
+        .unwrap();
+    let msgs = vec![ChatMessage {
+        role: "user".into(),
+        content: " hi ".into(),
+    }];
+    assert_eq!(
+        custom.render_chat(&msgs).unwrap(),
+        "<<user>>hi\n<<assistant>>"
+    );
+
+    // Fill-in-the-middle uses the model's FIM tokens.
+    let fim = GenerateRequest {
+        model: "tiny".into(),
+        prompt: Some("def sum(".into()),
+        suffix: Some(")\n".into()),
+        ..Default::default()
+    };
+    let p = m.prompt_for(&fim).unwrap();
+    assert!(matches!(p, Prompt::Fim { .. }));
+    let (_, end, _) = collect(
+        m.submit(p, greedy(4, &[]), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert!(matches!(end, GenEvent::Done { .. }));
+    let mut no_fim = ModelSpec::tiny();
+    no_fim.fim = false;
+    let path = dir.path().join("nofim.gguf");
+    write(&path, &no_fim);
+    let plain = e
+        .load(
+            "nofim",
+            &path,
+            edgecoder::inference::gguf::inspect(&path).unwrap(),
+        )
+        .unwrap();
+    assert!(matches!(
+        plain.prompt_for(&fim),
+        Err(EngineError::Prompt(_))
+    ));
+    let _ = Duration::ZERO;
+}
