@@ -177,7 +177,8 @@ pub enum ModelCmd {
     /// Download a GGUF model (resumable, verified) into the store. URL may also be a catalog name.
     Pull {
         /// https URL of a .gguf file, or a catalog name (see `model catalog`).
-        url: String,
+        #[arg(value_name = "URL")]
+        source: String,
         /// Expected sha256 (hex); a mismatch stores nothing.
         #[arg(long)]
         sha256: Option<String>,
@@ -447,14 +448,18 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         ModelCmd::Pull {
-            url,
+            source,
             sha256,
             name,
             conn,
         } => {
             use futures_util::StreamExt;
             let client = connect_inference(&conn)?;
-            let body = serde_json::to_vec(&PullRequest { url, sha256, name })?;
+            let body = serde_json::to_vec(&PullRequest {
+                url: source,
+                sha256,
+                name,
+            })?;
             let target = client.base().join("/models/pull")?;
             let resp = client
                 .signed(
@@ -859,5 +864,16 @@ pub fn describe(e: &anyhow::Error) -> String {
             format!("cannot reach the node at {url}; is `edgecoder run` running?")
         }
         _ => format!("{e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks argument names, conflicts and defaults here rather than at run time.
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }
