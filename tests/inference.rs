@@ -367,3 +367,160 @@ async fn chat_templates_and_fill_in_the_middle() {
     ));
     let _ = Duration::ZERO;
 }
+
+/// End to end: a `chat` task submitted to a node streams token events and its result is the
+/// same text as a direct generation with the same settings; cancelling a task stops generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_tasks_stream_tokens_and_match_direct_generation() {
+    use edgecoder::client::CoordinatorClient;
+    use edgecoder::coordinator::model::*;
+    use edgecoder::identity::Identity;
+    use futures_util::StreamExt;
+
+    let node = common::Node::start(&[
+        "--set",
+        "inference.threads=1",
+        "--set",
+        "worker.heartbeat_interval=\"200ms\"",
+        "--set",
+        "coordinator.agent_timeout=\"3s\"",
+    ]);
+    let key = Arc::new(Identity::load(&node.dir.join("identity.key")).unwrap());
+    let inf = CoordinatorClient::new(&node.url("inference"), key).unwrap();
+    let file = node.dir.join("tiny-upload.gguf");
+    write(&file, &ModelSpec::tiny());
+    let _: ModelView = inf
+        .post(
+            "/models/add",
+            &AddRequest {
+                path: file.display().to_string(),
+                name: Some("tiny".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let c = node.client();
+    // The worker notices the new model at its next heartbeat and registers again with it.
+    let mut advertised = false;
+    for _ in 0..100 {
+        let agents: Vec<AgentView> = c.get("/agents").await.unwrap();
+        if agents
+            .iter()
+            .any(|a| a.live && a.capabilities.models.iter().any(|m| m == "tiny"))
+        {
+            advertised = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(advertised, "the worker advertises the new model");
+
+    let payload = serde_json::json!({
+        "messages": [{"role": "user", "content": "write a python function"}],
+        "max_tokens": 24, "temperature": 0.0, "seed": 5
+    });
+    let direct = GenerateRequest {
+        model: "tiny".into(),
+        messages: Some(vec![ChatMessage {
+            role: "user".into(),
+            content: "write a python function".into(),
+        }]),
+        max_tokens: Some(24),
+        temperature: Some(0.0),
+        seed: Some(5),
+        ..Default::default()
+    };
+    let direct: serde_json::Value = inf.post("/generate?stream=false", &direct).await.unwrap();
+    let task = SubmitTask {
+        kind: TaskKind::Chat,
+        payload,
+        requirements: Requirements {
+            model: Some("tiny".into()),
+            ..Default::default()
+        },
+        priority: 0,
+        timeout: Some("60s".into()),
+        max_attempts: None,
+        idempotency_key: None,
+    };
+    let t: TaskView = c.post("/tasks", &task).await.unwrap();
+    // Follow the event stream while it runs.
+    let url = c.base().join(&format!("/tasks/{}/events", t.id)).unwrap();
+    let resp = c
+        .signed(
+            reqwest::Method::GET,
+            &url,
+            Vec::new(),
+            Duration::from_secs(60),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut streamed = String::new();
+    let mut token_events = 0;
+    'outer: while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            if frame.contains("event: end") {
+                break 'outer;
+            }
+            if frame.contains("event: token") {
+                let data = frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                streamed.push_str(v["data"]["text"].as_str().unwrap());
+                token_events += 1;
+            }
+        }
+    }
+    let r = common::wait_result(&c, t.id).await;
+    assert_eq!(r.state, TaskState::Succeeded, "{r:?}");
+    let out = r.output.unwrap();
+    assert!(token_events >= 1, "tokens arrived as events");
+    assert_eq!(
+        out["text"], direct["text"],
+        "same text as direct generation"
+    );
+    assert_eq!(
+        streamed,
+        out["text"].as_str().unwrap(),
+        "the events spell the result"
+    );
+    assert_eq!(
+        out["usage"]["completion_tokens"],
+        direct["usage"]["completion_tokens"]
+    );
+
+    // Cancelling a long generation stops it.
+    let long = SubmitTask {
+        payload: serde_json::json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100000, "temperature": 0.0}),
+        ..task.clone()
+    };
+    let t: TaskView = c.post("/tasks", &long).await.unwrap();
+    common::wait_task(&c, t.id, "running", |v| v.state == TaskState::Running).await;
+    c.send::<(), TaskView>(
+        reqwest::Method::DELETE,
+        &format!("/tasks/{}", t.id),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut stopped = false;
+    for _ in 0..200 {
+        let m = common::get(&format!("{}/metrics", node.url("inference")))
+            .unwrap()
+            .1;
+        if m.contains("outcome=\"cancelled\"") {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(stopped, "the generation ended as cancelled");
+}
