@@ -127,8 +127,11 @@ pub struct InferenceConfig {
     pub keep_alive: Duration,
     /// An Ollama server whose models are offered too, e.g. `http://127.0.0.1:11434`.
     pub ollama_url: Option<String>,
-    /// Pull the catalog's default model for this box on boot when no model is installed.
+    /// Pull the default model on boot when no model is installed.
     pub auto_pull: bool,
+    /// The model `auto_pull` fetches: a catalog name or an http(s) URL of a GGUF file (a fleet's
+    /// own mirror, say). Empty: the catalog's default for this box's memory class.
+    pub default_model: String,
 }
 
 /// Worker settings.
@@ -270,6 +273,7 @@ impl Default for Config {
                 keep_alive: Duration::from_secs(30 * 60),
                 ollama_url: None,
                 auto_pull: true,
+                default_model: String::new(),
             },
             control_plane: Listen::new(local, CONTROL_PLANE_PORT),
             ide: Listen::new(any, IDE_PORT),
@@ -535,6 +539,16 @@ impl Config {
         if i.max_loaded_models == 0 {
             p.push("inference.max_loaded_models: must be at least 1".into());
         }
+        let dm = &i.default_model;
+        if !dm.is_empty()
+            && !dm.starts_with("http://")
+            && !dm.starts_with("https://")
+            && crate::inference::catalog::by_name(dm).is_none()
+        {
+            p.push(format!(
+                "inference.default_model: {dm:?} is neither a catalog name (edgecoder model catalog) nor an http(s) URL"
+            ));
+        }
         if let Some(u) = &i.ollama_url
             && !(u.starts_with("http://") || u.starts_with("https://"))
         {
@@ -689,6 +703,7 @@ impl<'p> Reader<'p> {
         self.duration(&mut t, s, "keep_alive", &mut c.inference.keep_alive);
         self.opt_string(&mut t, s, "ollama_url", &mut c.inference.ollama_url);
         self.get(&mut t, s, "auto_pull", &mut c.inference.auto_pull);
+        self.get(&mut t, s, "default_model", &mut c.inference.default_model);
         self.finish(t, "inference");
 
         for (name, l) in [("control_plane", &mut c.control_plane), ("ide", &mut c.ide)] {

@@ -513,10 +513,13 @@ async fn chat_tasks_stream_tokens_and_match_direct_generation() {
     .unwrap();
     let mut stopped = false;
     for _ in 0..200 {
-        let m = common::get(&format!("{}/metrics", node.url("inference")))
-            .unwrap()
-            .1;
-        if m.contains("outcome=\"cancelled\"") {
+        // The engine's slot itself saw the cancellation and stopped early.
+        let st = common::get_json(&format!("{}/status", node.url("inference"))).unwrap();
+        if st["loaded"][0]["throughput"]["cancelled"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+        {
             stopped = true;
             break;
         }

@@ -285,3 +285,65 @@ async fn the_cli_pulls_into_a_running_node() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("model_exists"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_boot_pulls_the_default_model_or_explains_how_to_add_one() {
+    let bytes = build(&ModelSpec::tiny());
+    let base = server(served(bytes.clone())).await;
+    let node = common::Node::start(&[
+        "--set",
+        "inference.auto_pull=true",
+        "--set",
+        &format!("inference.default_model=\"{base}/models/mirror-default.gguf\""),
+    ]);
+    let key =
+        Arc::new(edgecoder::identity::Identity::load(&node.dir.join("identity.key")).unwrap());
+    let inf = edgecoder::client::CoordinatorClient::new(&node.url("inference"), key).unwrap();
+    let mut installed = Vec::new();
+    for _ in 0..200 {
+        installed = inf
+            .get::<Vec<edgecoder::inference::api::ModelView>>("/models")
+            .await
+            .unwrap();
+        if !installed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        installed.len(),
+        1,
+        "the default model was pulled on first boot"
+    );
+    assert_eq!(installed[0].name, "mirror-default");
+    assert_eq!(installed[0].sha256.as_deref(), Some(sha(&bytes).as_str()));
+
+    // No network: the node still runs, and says how to add a model.
+    let offline = common::Node::start(&[
+        "--set",
+        "inference.auto_pull=true",
+        "--set",
+        "inference.default_model=\"http://127.0.0.1:1/models/unreachable.gguf\"",
+    ]);
+    let mut hint = None;
+    for _ in 0..200 {
+        let st = common::get_json(&format!("{}/status", offline.url("inference"))).unwrap();
+        if let Some(h) = st["hint"].as_str() {
+            hint = Some(h.to_string());
+        }
+        if offline.log().contains("could not be downloaded") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(hint.unwrap().contains("edgecoder model pull"));
+    assert!(
+        offline.log().contains("edgecoder model add"),
+        "{}",
+        offline.log()
+    );
+    assert_eq!(
+        common::get_json(&format!("{}/health", offline.coordinator())).unwrap()["status"],
+        "ok"
+    );
+}

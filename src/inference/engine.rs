@@ -221,6 +221,8 @@ pub struct Throughput {
     pub tokens: u64,
     /// Tokens per second of the last generation.
     pub last_tokens_per_second: f64,
+    /// Generations that stopped early because they were cancelled or their consumer left.
+    pub cancelled: u64,
 }
 
 /// A loaded model.
@@ -817,6 +819,9 @@ impl Slot {
             let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             st.generations += 1;
             st.tokens += u64::from(generated);
+            if finish == FinishReason::Cancelled {
+                st.cancelled += 1;
+            }
             if generated > 1 {
                 st.last_tokens_per_second = tps;
             }

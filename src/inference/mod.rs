@@ -75,9 +75,12 @@ struct Inner {
     #[cfg(feature = "llama")]
     engine: engine::LlamaEngine,
     ollama: Option<OllamaClient>,
+    #[cfg_attr(not(feature = "llama"), allow(dead_code))]
     max_loaded: usize,
+    #[cfg_attr(not(feature = "llama"), allow(dead_code))]
     keep_alive: Duration,
     /// Loads are serialised: two requests for an unloaded model load it once.
+    #[cfg_attr(not(feature = "llama"), allow(dead_code))]
     loading: tokio::sync::Mutex<()>,
     tracker: TaskTracker,
     metrics: InferenceMetrics,
@@ -231,7 +234,7 @@ impl Inference {
         &self,
         req: GenerateRequest,
         cancel: CancellationToken,
-    ) -> Result<mpsc::Receiver<GenEvent>, InferenceError> {
+    ) -> Result<Generation, InferenceError> {
         req.validate().map_err(InferenceError::Invalid)?;
         let local = self.0.models.get(&req.model)?.is_some();
         let (backend, rx) = if local {
@@ -260,51 +263,39 @@ impl Inference {
         } else {
             return Err(InferenceError::ModelNotFound(req.model.clone()));
         };
-        Ok(self.count(backend, rx))
+        Ok(Generation {
+            rx,
+            inference: self.clone(),
+            backend,
+            ended: false,
+        })
     }
 
-    /// Passes events through, counting outcomes and tokens.
-    fn count(
-        &self,
-        backend: &'static str,
-        mut rx: mpsc::Receiver<GenEvent>,
-    ) -> mpsc::Receiver<GenEvent> {
-        let (tx, out) = mpsc::channel(64);
-        let this = self.clone();
-        self.0.tracker.spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                let outcome = match &ev {
-                    GenEvent::Done {
-                        finish_reason,
-                        usage,
-                        ..
-                    } => {
-                        this.0
-                            .metrics
-                            .tokens
-                            .inc_by(u64::from(usage.completion_tokens));
-                        Some(match finish_reason {
-                            FinishReason::Stop => "stop",
-                            FinishReason::Length => "length",
-                            FinishReason::Cancelled => "cancelled",
-                        })
-                    }
-                    GenEvent::Error { .. } => Some("error"),
-                    _ => None,
-                };
-                if let Some(outcome) = outcome {
-                    this.0
-                        .metrics
-                        .generations
-                        .get_or_create(&GenLabels { backend, outcome })
-                        .inc();
-                }
-                if tx.send(ev).await.is_err() {
-                    return;
+    fn record(&self, backend: &'static str, ev: &GenEvent) {
+        let outcome = match ev {
+            GenEvent::Done {
+                finish_reason,
+                usage,
+                ..
+            } => {
+                self.0
+                    .metrics
+                    .tokens
+                    .inc_by(u64::from(usage.completion_tokens));
+                match finish_reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                    FinishReason::Cancelled => "cancelled",
                 }
             }
-        });
-        out
+            GenEvent::Error { .. } => "error",
+            _ => return,
+        };
+        self.0
+            .metrics
+            .generations
+            .get_or_create(&GenLabels { backend, outcome })
+            .inc();
     }
 
     /// What `/status` reports.
@@ -348,6 +339,56 @@ impl Inference {
             if m.idle() && st.idle_secs >= self.0.keep_alive.as_secs_f64() {
                 self.0.engine.unload(&m.name);
             }
+        }
+    }
+}
+
+/// A running generation: its events, counted into the metrics as they pass (no relay task, so a
+/// token crosses one channel between the engine thread and its consumer).
+#[derive(Debug)]
+pub struct Generation {
+    rx: mpsc::Receiver<GenEvent>,
+    inference: Inference,
+    backend: &'static str,
+    ended: bool,
+}
+
+impl Generation {
+    /// The next event; `None` after the last.
+    pub async fn recv(&mut self) -> Option<GenEvent> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next event.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<GenEvent>> {
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(ev)) = &polled
+            && !self.ended
+            && matches!(ev, GenEvent::Done { .. } | GenEvent::Error { .. })
+        {
+            self.ended = true;
+            self.inference.record(self.backend, ev);
+        }
+        polled
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // The consumer left before the end (client disconnected, task cancelled): the backend
+        // stops on its own; count it as cancelled.
+        if !self.ended {
+            self.inference.record(
+                self.backend,
+                &GenEvent::Done {
+                    finish_reason: FinishReason::Cancelled,
+                    usage: Usage::default(),
+                    timings: Timings::default(),
+                },
+            );
         }
     }
 }
@@ -486,9 +527,10 @@ pub fn spawn(
 
     let bg = handle.clone();
     let auto_pull = ic.auto_pull && cfg!(feature = "llama");
+    let default_model = ic.default_model.clone();
     let task = Box::pin(async move {
         if auto_pull {
-            first_boot_pull(&bg, &token).await;
+            first_boot_pull(&bg, &default_model, &token).await;
         }
         let mut t = tokio::time::interval(IDLE_CHECK);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -506,23 +548,26 @@ pub fn spawn(
     })
 }
 
-/// On a box with no model, pulls the catalog's default for its memory class, or says plainly how
-/// to add one when that fails (no network, no space).
-async fn first_boot_pull(inf: &Inference, token: &CancellationToken) {
+/// On a box with no model, pulls the default model (`inference.default_model`, else the catalog
+/// entry for its memory class), or says plainly how to add one when that fails (no network, no
+/// space).
+async fn first_boot_pull(inf: &Inference, default_model: &str, token: &CancellationToken) {
     match inf.models().list() {
         Ok(l) if l.is_empty() => {}
         _ => return,
     }
-    let class = catalog::class_for_memory(catalog::total_memory().unwrap_or(0));
-    let entry = catalog::default_for(class);
-    tracing::info!(
-        model = entry.name,
-        ?class,
-        url = entry.url,
-        "inference.first_boot pulling the default model for this box"
-    );
+    let (url, name) = if default_model.is_empty() {
+        let class = catalog::class_for_memory(catalog::total_memory().unwrap_or(0));
+        let e = catalog::default_for(class);
+        (e.url.to_string(), Some(e.name.to_string()))
+    } else if let Some(e) = catalog::by_name(default_model) {
+        (e.url.to_string(), Some(e.name.to_string()))
+    } else {
+        (default_model.to_string(), None)
+    };
+    tracing::info!(url = %url, "inference.first_boot no model installed; pulling the default");
     let (tx, mut rx) = mpsc::channel(16);
-    let pull = inf.models().pull(entry.url, None, Some(entry.name), &tx);
+    let pull = inf.models().pull(&url, None, name.as_deref(), &tx);
     let drain = async {
         while let Some(ev) = rx.recv().await {
             if let PullEvent::Progress {
@@ -533,11 +578,7 @@ async fn first_boot_pull(inf: &Inference, token: &CancellationToken) {
                 && t > 0
                 && done == t
             {
-                tracing::info!(
-                    model = entry.name,
-                    bytes = done,
-                    "inference.first_boot download complete"
-                );
+                tracing::info!(bytes = done, "inference.first_boot download complete");
             }
         }
     };
@@ -554,8 +595,9 @@ async fn first_boot_pull(inf: &Inference, token: &CancellationToken) {
         ),
         Err(e) => tracing::warn!(
             error = %e,
-            "inference.first_boot no model installed and the default could not be downloaded; \
-             add one with `edgecoder model pull URL` or `edgecoder model add FILE.gguf`"
+            "inference.first_boot no model is installed and the default could not be downloaded; \
+             the node runs without local models. Add one with `edgecoder model pull URL` or \
+             `edgecoder model add FILE.gguf`"
         ),
     }
 }

@@ -211,7 +211,8 @@ pub async fn generate(
     // Dropping the response body (client gone) drops the guard, which cancels the generation.
     let guard = cancel.drop_guard();
     if q.stream.unwrap_or(true) {
-        let stream = tokio_stream_from(rx).map(move |ev| {
+        let mut gen_rx = rx;
+        let stream = futures_util::stream::poll_fn(move |cx| gen_rx.poll_recv(cx)).map(move |ev| {
             let _keep = &guard;
             line(&ev)
         });
