@@ -198,6 +198,17 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Proportional set size: shared pages (the binary, libc) split between the processes that map
+/// them, so node + worker adds up to what the pair really costs.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Resident memory of the node and its worker after `settle` of idling.
 ///
 /// # Errors
@@ -221,12 +232,16 @@ pub fn idle(exe: &Path, settle: Duration) -> anyhow::Result<()> {
     let worker = status["worker"]["pid"].as_u64().context("worker pid")? as u32;
     let node_kib = rss_kib(n.child.id()).context("node RSS")?;
     let worker_kib = rss_kib(worker).context("worker RSS")?;
-    println!("idle resident memory after {}s", settle.as_secs());
-    println!("  node   {:.1} MiB", node_kib as f64 / 1024.0);
-    println!("  worker {:.1} MiB", worker_kib as f64 / 1024.0);
+    let node_pss = pss_kib(n.child.id()).unwrap_or(0);
+    let worker_pss = pss_kib(worker).unwrap_or(0);
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!("idle memory after {}s    RSS         PSS", settle.as_secs());
+    println!("  node           {:6.1} MiB  {:6.1} MiB", mib(node_kib), mib(node_pss));
+    println!("  worker         {:6.1} MiB  {:6.1} MiB", mib(worker_kib), mib(worker_pss));
     println!(
-        "  total  {:.1} MiB",
-        (node_kib + worker_kib) as f64 / 1024.0
+        "  total          {:6.1} MiB  {:6.1} MiB",
+        mib(node_kib + worker_kib),
+        mib(node_pss + worker_pss)
     );
     stop(n)
 }
