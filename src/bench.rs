@@ -236,8 +236,16 @@ pub fn idle(exe: &Path, settle: Duration) -> anyhow::Result<()> {
     let worker_pss = pss_kib(worker).unwrap_or(0);
     let mib = |k: u64| k as f64 / 1024.0;
     println!("idle memory after {}s    RSS         PSS", settle.as_secs());
-    println!("  node           {:6.1} MiB  {:6.1} MiB", mib(node_kib), mib(node_pss));
-    println!("  worker         {:6.1} MiB  {:6.1} MiB", mib(worker_kib), mib(worker_pss));
+    println!(
+        "  node           {:6.1} MiB  {:6.1} MiB",
+        mib(node_kib),
+        mib(node_pss)
+    );
+    println!(
+        "  worker         {:6.1} MiB  {:6.1} MiB",
+        mib(worker_kib),
+        mib(worker_pss)
+    );
     println!(
         "  total          {:6.1} MiB  {:6.1} MiB",
         mib(node_kib + worker_kib),
