@@ -123,7 +123,7 @@ impl Value {
 pub struct TensorInfo {
     /// Name.
     pub name: String,
-    /// Dimensions, ne[0] first.
+    /// Dimensions, `ne[0]` first.
     pub dims: Vec<u64>,
     /// ggml type code.
     pub ggml_type: u32,
