@@ -163,6 +163,9 @@ pub struct WorkerCmd {
     /// Inference service URL; with it the worker runs chat and completion tasks.
     #[arg(long, value_name = "URL")]
     pub inference: Option<String>,
+    /// Generations sent to the inference service at once (the node passes its slots plus queue).
+    #[arg(long, default_value_t = 9)]
+    pub generation_slots: u32,
     /// Log filter.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -384,6 +387,18 @@ pub fn connect_inference(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient
     Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
 }
 
+/// "status: code: message" from an error answer in the common shape, or the raw text.
+fn error_text(status: reqwest::StatusCode, body: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) if v["error"]["code"].is_string() => format!(
+            "{status}: {}: {}",
+            v["error"]["code"].as_str().unwrap_or(""),
+            v["error"]["message"].as_str().unwrap_or("")
+        ),
+        _ => format!("{status}: {}", body.chars().take(300).collect::<String>()),
+    }
+}
+
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -472,7 +487,10 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
                 .await?;
             if !resp.status().is_success() {
                 let status = resp.status();
-                bail!("{status}: {}", resp.text().await.unwrap_or_default());
+                bail!(
+                    "{}",
+                    error_text(status, &resp.text().await.unwrap_or_default())
+                );
             }
             let started = std::time::Instant::now();
             let mut stream = resp.bytes_stream();
@@ -570,7 +588,10 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
                 .await?;
             if !resp.status().is_success() {
                 let status = resp.status();
-                bail!("{status}: {}", resp.text().await.unwrap_or_default());
+                bail!(
+                    "{}",
+                    error_text(status, &resp.text().await.unwrap_or_default())
+                );
             }
             eprintln!("removed {name}");
             Ok(0)

@@ -323,13 +323,15 @@ pub fn body_from(bytes: Bytes) -> Body {
 }
 
 /// The endpoints every port serves: `GET /health`, `GET /status` (the service's own JSON merged
-/// with the node's common fields) and `GET /metrics`, with the per-IP limit and the JSON 404.
+/// with the node's common fields) and `GET /metrics`, merged with the service's own `routes`, all
+/// behind the per-IP limit, with the JSON 404 and 405.
 pub fn base_router(
     service: &'static str,
     health: Arc<crate::health::NodeHealth>,
     metrics: Arc<Metrics>,
     limits: Arc<RateLimits>,
     status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    routes: Router,
 ) -> Router {
     use axum::routing::get;
     let h = health.clone();
@@ -359,6 +361,7 @@ pub fn base_router(
         .route("/health", health_route)
         .route("/status", status_route)
         .route("/metrics", get(metrics_handler).with_state(metrics))
+        .merge(routes)
         .fallback(not_found_fallback)
         .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(limits, limit_by_ip))

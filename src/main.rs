@@ -78,6 +78,7 @@ fn main() -> ExitCode {
                     slots: w.slots,
                     parent_pid: w.parent_pid,
                     inference: w.inference,
+                    generation_slots: w.generation_slots,
                 };
                 edgecoder::worker::run(args, stop, w.grace).await?;
                 Ok(0)

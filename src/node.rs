@@ -321,6 +321,8 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             cfg.worker.slots.to_string(),
             "--inference".into(),
             format!("http://{}", local_addr(info.inference)),
+            "--generation-slots".into(),
+            (cfg.inference.slots as usize + cfg.inference.queue_depth).to_string(),
             "--parent-pid".into(),
             std::process::id().to_string(),
             "--log".into(),

@@ -174,6 +174,21 @@ async fn the_client_speaks_ollamas_api() {
     let (text, _) = drain(c.generate(&fim, CancellationToken::new()).await.unwrap()).await;
     assert_eq!(text, "x + y");
     assert_eq!(double.requests.lock().unwrap()[1].1["suffix"], "\n");
+    assert!(
+        double.requests.lock().unwrap()[1].1.get("raw").is_none(),
+        "FIM uses Ollama's template"
+    );
+    let raw = GenerateRequest {
+        model: MODEL.into(),
+        prompt: Some("x =".into()),
+        ..Default::default()
+    };
+    drain(c.generate(&raw, CancellationToken::new()).await.unwrap()).await;
+    assert_eq!(
+        double.requests.lock().unwrap()[2].1["raw"],
+        true,
+        "a plain prompt is sent raw"
+    );
 
     let missing = GenerateRequest {
         model: "nope".into(),
@@ -227,6 +242,11 @@ async fn a_node_lists_and_proxies_ollama_models_and_runs_tasks_on_them() {
     };
     let out: serde_json::Value = inf.post("/generate?stream=false", &req).await.unwrap();
     assert_eq!(out["text"], "Hello from the double");
+    let wrong = inf
+        .send::<(), serde_json::Value>(reqwest::Method::PUT, "/generate", None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Some("method_not_allowed"), "{wrong}");
     assert_eq!(out["finish_reason"], "stop");
 
     // A chat task for the Ollama model: the worker advertises it and runs it through :4302.

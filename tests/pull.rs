@@ -29,9 +29,12 @@ struct Served {
     ranges: Arc<std::sync::Mutex<Vec<Option<String>>>>,
     /// Serve the file truncated (and claim that length) instead.
     truncate_to: Option<usize>,
+    /// Wait this long before answering.
+    delay: std::time::Duration,
 }
 
 async fn serve_file(State(s): State<Served>, headers: HeaderMap) -> Response {
+    tokio::time::sleep(s.delay).await;
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -106,6 +109,7 @@ fn served(bytes: Vec<u8>) -> Served {
         cut_at: 0,
         ranges: Arc::new(std::sync::Mutex::new(Vec::new())),
         truncate_to: None,
+        delay: std::time::Duration::ZERO,
     }
 }
 
@@ -345,5 +349,55 @@ async fn first_boot_pulls_the_default_model_or_explains_how_to_add_one() {
     assert_eq!(
         common::get_json(&format!("{}/health", offline.coordinator())).unwrap()["status"],
         "ok"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_one_name_and_bad_requests_are_refused() {
+    let bytes = build(&ModelSpec::tiny());
+    let mut s = served(bytes.clone());
+    s.delay = std::time::Duration::from_millis(500);
+    let base = server(s).await;
+    let dir = tempfile::tempdir().unwrap();
+    let models = model_store(dir.path());
+    let url = format!("{base}/models/slow.gguf");
+    let (tx, _rx) = tokio::sync::mpsc::channel(1024);
+    let (tx2, _rx2) = tokio::sync::mpsc::channel(1024);
+    let first = models.pull(&url, None, None, &tx);
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        models.pull(&url, None, None, &tx2).await
+    };
+    let (a, b) = tokio::join!(first, second);
+    assert_eq!(a.unwrap().name, "slow");
+    let err = b.unwrap_err();
+    assert_eq!(err.code(), "model_busy", "{err}");
+    // Malformed requests are the caller's error, not a download failure.
+    let err = models
+        .pull(&url, Some("abc"), Some("x"), &tx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_request");
+    let err = models
+        .pull("ftp://example/x.gguf", None, Some("x"), &tx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_request");
+    let err = models
+        .add_file(std::path::Path::new("/nonexistent/x.gguf"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_request");
+    // A failed request before any byte leaves no bookkeeping files behind.
+    let err = models
+        .pull("http://127.0.0.1:1/models/gone.gguf", None, None, &tx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "download_failed");
+    assert_eq!(
+        leftovers(dir.path()),
+        vec!["slow.gguf".to_string()],
+        "{:?}",
+        leftovers(dir.path())
     );
 }

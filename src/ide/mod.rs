@@ -29,5 +29,6 @@ pub fn router(
         metrics,
         limits,
         Arc::new(|| serde_json::json!({})),
+        Router::new(),
     )
 }

@@ -1,7 +1,8 @@
 //! The inference service's wire types: generation requests, the event stream, model listings.
 //!
 //! `POST /generate` answers with newline-delimited JSON: one [`GenEvent`] per line, `start`
-//! first, then `token`s, then exactly one `done` (or `error`). The worker and the IDE provider
+//! first, then `token`s, then exactly one `done` or `error`. An `error` may also come alone, with
+//! no `start` (for example `context_length_exceeded`, found before generation starts). The worker and the IDE provider
 //! use the same types in process.
 
 use serde::{Deserialize, Serialize};

@@ -712,6 +712,10 @@ impl Slot {
         batch: &mut LlamaBatch<'_>,
         job: &Job,
     ) -> Result<(), String> {
+        // Cancelled while it waited in the queue: do not evaluate its prompt at all.
+        if job.cancel.is_cancelled() || job.tx.is_closed() {
+            return Ok(());
+        }
         let started = Instant::now();
         let queue_ms = (started - job.enqueued).as_secs_f64() * 1000.0;
         let tokens = self.tokenize(&job.prompt)?;

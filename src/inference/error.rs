@@ -41,6 +41,8 @@ impl From<super::engine::EngineError> for InferenceError {
         use super::engine::EngineError as E;
         match e {
             E::Busy { .. } => InferenceError::Busy(e.to_string()),
+            // A template that does not render is the model file's fault, not the request's.
+            E::Prompt(m) if m.starts_with("chat template") => InferenceError::Engine(m),
             E::Prompt(m) => InferenceError::Invalid(m),
             other => InferenceError::Engine(other.to_string()),
         }
@@ -64,7 +66,8 @@ impl InferenceError {
             InferenceError::Model(e) => {
                 let status = match e {
                     ModelError::NotFound(_) => StatusCode::NOT_FOUND,
-                    ModelError::Exists(_) => StatusCode::CONFLICT,
+                    ModelError::Exists(_) | ModelError::Busy(_) => StatusCode::CONFLICT,
+                    ModelError::BadRequest(_) => StatusCode::BAD_REQUEST,
                     ModelError::BadName(_)
                     | ModelError::Sha256Mismatch { .. }
                     | ModelError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,

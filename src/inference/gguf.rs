@@ -158,7 +158,7 @@ pub struct GgufInfo {
     pub vocab_size: u64,
     /// Tokenizer model (`llama`, `gpt2`, ...).
     pub tokenizer: String,
-    /// Quantisation, from `general.file_type` (or the dominant tensor type).
+    /// Quantisation, from `general.file_type` (`unknown` when the file does not say).
     pub quantization: String,
     /// `tokenizer.chat_template`, if any.
     pub chat_template: Option<String>,

@@ -240,16 +240,22 @@ impl Inference {
         let (backend, rx) = if local {
             #[cfg(feature = "llama")]
             {
-                let loaded = self.ensure_loaded(&req.model).await?;
-                let prompt = loaded.prompt_for(&req)?;
-                let sampling = engine::Sampling::from_request(&req);
-                match loaded.submit(prompt, sampling, cancel) {
-                    Ok(rx) => ("llama", rx),
-                    Err(e) => {
-                        if matches!(e, engine::EngineError::Busy { .. }) {
-                            self.0.metrics.rejected_busy.inc();
+                let mut tries = 0;
+                loop {
+                    let loaded = self.ensure_loaded(&req.model).await?;
+                    let prompt = loaded.prompt_for(&req)?;
+                    let sampling = engine::Sampling::from_request(&req);
+                    match loaded.submit(prompt, sampling, cancel.clone()) {
+                        Ok(rx) => break ("llama", rx),
+                        // Unloaded (idle timer, an unload call) between lookup and submit: load
+                        // it again once rather than failing the request.
+                        Err(engine::EngineError::Unloaded(_)) if tries == 0 => tries += 1,
+                        Err(e) => {
+                            if matches!(e, engine::EngineError::Busy { .. }) {
+                                self.0.metrics.rejected_busy.inc();
+                            }
+                            return Err(e.into());
                         }
-                        return Err(e.into());
                     }
                 }
             }
@@ -503,13 +509,6 @@ pub fn spawn(
     verifier.register_metrics(&mut registry, "edgecoder_inference_auth");
     let metrics = Metrics::new(registry, process);
     let status_handle = handle.clone();
-    let base = crate::http::base_router(
-        "inference",
-        health,
-        metrics,
-        limits,
-        Arc::new(move || status_handle.status()),
-    );
     let signed = Router::new()
         .route("/models", get(routes::list))
         .route("/models/{name}", get(routes::info).delete(routes::remove))
@@ -523,7 +522,15 @@ pub fn spawn(
             verifier,
             crate::security::authenticate,
         ));
-    let router = signed.merge(base);
+    // The per-IP limit and the JSON fallbacks wrap the signed routes too.
+    let router = crate::http::base_router(
+        "inference",
+        health,
+        metrics,
+        limits,
+        Arc::new(move || status_handle.status()),
+        signed,
+    );
 
     let bg = handle.clone();
     let auto_pull = ic.auto_pull && cfg!(feature = "llama");

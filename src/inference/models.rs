@@ -6,12 +6,15 @@
 //! sha256 and by the GGUF validator, synced, and only then renamed into place and recorded. A
 //! rejected download leaves nothing behind. Local files are copied the same way.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use super::api::PullEvent;
@@ -52,6 +55,12 @@ pub enum ModelError {
     /// A model with that name exists.
     #[error("a model named {0:?} already exists; remove it first or pick another --name")]
     Exists(String),
+    /// Another pull or add for that name is running.
+    #[error("a pull or add of {0:?} is already running; wait for it to finish")]
+    Busy(String),
+    /// The request itself is wrong (a malformed hash, a file that does not exist).
+    #[error("{0}")]
+    BadRequest(String),
     /// The download's sha256 differs from the expected one.
     #[error("sha256 mismatch: expected {expected}, got {actual}; nothing was stored")]
     Sha256Mismatch {
@@ -95,6 +104,8 @@ impl ModelError {
             ModelError::BadName(_) => "invalid_model_name",
             ModelError::NotFound(_) => "model_not_found",
             ModelError::Exists(_) => "model_exists",
+            ModelError::Busy(_) => "model_busy",
+            ModelError::BadRequest(_) => "invalid_request",
             ModelError::Sha256Mismatch { .. } => "sha256_mismatch",
             ModelError::Invalid(_) => "invalid_model",
             ModelError::Http(_) => "download_failed",
@@ -162,6 +173,23 @@ fn hex(bytes: &[u8]) -> String {
 pub struct ModelStore {
     dir: PathBuf,
     store: Store,
+    /// Names with a pull or add in progress: two would write the same partial file.
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Holds a name in [`ModelStore::busy`] until dropped.
+struct NameGuard {
+    busy: Arc<Mutex<HashSet<String>>>,
+    name: String,
+}
+
+impl Drop for NameGuard {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
 }
 
 impl ModelStore {
@@ -171,7 +199,22 @@ impl ModelStore {
     /// The directory cannot be created.
     pub fn new(dir: PathBuf, store: Store) -> Result<Self, ModelError> {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(ModelStore { dir, store })
+        Ok(ModelStore {
+            dir,
+            store,
+            busy: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    fn claim_name(&self, name: &str) -> Result<NameGuard, ModelError> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(name.to_string()) {
+            return Err(ModelError::Busy(name.to_string()));
+        }
+        Ok(NameGuard {
+            busy: self.busy.clone(),
+            name: name.to_string(),
+        })
     }
 
     /// Path of a model's file.
@@ -255,8 +298,15 @@ impl ModelStore {
     ) -> Result<ModelRecord, ModelError> {
         let name = name.map_or_else(|| name_from(&source.to_string_lossy()), str::to_string);
         check_name(&name)?;
+        let _guard = self.claim_name(&name)?;
         if self.get(&name)?.is_some() {
             return Err(ModelError::Exists(name));
+        }
+        if !source.is_file() {
+            return Err(ModelError::BadRequest(format!(
+                "{} is not a readable file on the node",
+                source.display()
+            )));
         }
         let src = source.to_path_buf();
         let partial = self.partial(&name);
@@ -343,14 +393,22 @@ impl ModelStore {
     ) -> Result<ModelRecord, ModelError> {
         let name = name.map_or_else(|| name_from(url), str::to_string);
         check_name(&name)?;
-        if self.get(&name)?.is_some() {
-            return Err(ModelError::Exists(name));
-        }
         let expected = expected_sha256.map(str::to_ascii_lowercase);
         if let Some(e) = &expected
             && (e.len() != 64 || !e.bytes().all(|b| b.is_ascii_hexdigit()))
         {
-            return Err(ModelError::Http("sha256 must be 64 hex characters".into()));
+            return Err(ModelError::BadRequest(
+                "sha256 must be 64 hex characters".into(),
+            ));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ModelError::BadRequest(format!(
+                "{url:?} is neither an http(s) URL nor a catalog name"
+            )));
+        }
+        let _guard = self.claim_name(&name)?;
+        if self.get(&name)?.is_some() {
+            return Err(ModelError::Exists(name));
         }
         let partial = self.partial(&name);
         let origin = self.dir.join(format!(".{name}.gguf.source"));
@@ -389,10 +447,17 @@ impl ModelStore {
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
         }
+        // A failure before any byte arrived leaves nothing to resume.
+        let forget = |e: ModelError| {
+            if !partial.exists() {
+                let _ = std::fs::remove_file(&origin);
+            }
+            e
+        };
         let resp = req
             .send()
             .await
-            .map_err(|e| ModelError::Http(format!("{url}: {e}")))?;
+            .map_err(|e| forget(ModelError::Http(format!("{url}: {e}"))))?;
         let status = resp.status();
         let resumed_from = if status == reqwest::StatusCode::PARTIAL_CONTENT {
             let start = resp
@@ -418,19 +483,20 @@ impl ModelStore {
             hasher = Sha256::new();
             0
         } else {
-            return Err(ModelError::Http(format!("{url}: HTTP {status}")));
+            return Err(forget(ModelError::Http(format!("{url}: HTTP {status}"))));
         };
         let total = if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             Some(have)
         } else {
             resp.content_length().map(|n| n + resumed_from)
         };
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .append(resumed_from > 0)
             .truncate(resumed_from == 0)
             .open(&partial)
+            .await
             .map_err(io(&partial))?;
         let mut done = have;
         let mut last = Instant::now() - PROGRESS_EVERY;
@@ -447,14 +513,14 @@ impl ModelStore {
                 let chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = file.sync_all();
+                        let _ = file.sync_all().await;
                         return Err(ModelError::Interrupted {
                             done,
                             reason: e.to_string(),
                         });
                     }
                 };
-                file.write_all(&chunk).map_err(io(&partial))?;
+                file.write_all(&chunk).await.map_err(io(&partial))?;
                 hasher.update(&chunk);
                 done += chunk.len() as u64;
                 if last.elapsed() >= PROGRESS_EVERY {
@@ -469,7 +535,7 @@ impl ModelStore {
                 }
             }
         }
-        file.sync_all().map_err(io(&partial))?;
+        file.sync_all().await.map_err(io(&partial))?;
         drop(file);
         if let Some(t) = total
             && done < t

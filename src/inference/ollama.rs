@@ -185,8 +185,11 @@ impl OllamaClient {
                     "stream": true,
                     "options": options,
                 });
-                if let Some(s) = &req.suffix {
-                    b["suffix"] = s.clone().into();
+                match &req.suffix {
+                    // Ollama builds the fill-in-the-middle prompt from its template.
+                    Some(s) => b["suffix"] = s.clone().into(),
+                    // Our raw prompts are raw: no template around them.
+                    None => b["raw"] = true.into(),
                 }
                 ("/api/generate", b)
             }

@@ -137,7 +137,8 @@ pub async fn add(
 }
 
 /// `POST /models/pull`: NDJSON progress lines, ending with `done` or `error`. The download goes
-/// on if the client disconnects; pulling again resumes or reports the finished model.
+/// on if the client disconnects (a second pull of the same name meanwhile gets `model_busy`;
+/// once it finished, `model_exists`; after an interruption, pulling again resumes).
 pub async fn pull(
     State(inf): State<Inference>,
     Auth(p): Auth,

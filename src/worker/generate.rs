@@ -108,7 +108,9 @@ pub async fn run<H: ProbeHost + Sync>(
     let mut buf: Vec<u8> = Vec::new();
     let mut text = String::new();
     let mut pending: Vec<NewEvent> = Vec::new();
-    let mut last_flush = Instant::now();
+    // When the oldest unsent token arrived; the first token of a task is sent at once.
+    let mut pending_since: Option<Instant> = None;
+    let mut sent_any = false;
     loop {
         let chunk = tokio::select! {
             c = stream.next() => c,
@@ -150,12 +152,15 @@ pub async fn run<H: ProbeHost + Sync>(
                         kind: EventKind::Token,
                         data: serde_json::json!({ "text": t }),
                     });
-                    if (pending.len() >= FLUSH_TOKENS || last_flush.elapsed() >= FLUSH_EVERY)
-                        && !flush(host, &mut pending).await
+                    let since = *pending_since.get_or_insert_with(Instant::now);
+                    if !sent_any || pending.len() >= FLUSH_TOKENS || since.elapsed() >= FLUSH_EVERY
                     {
-                        return None;
+                        if !flush(host, &mut pending).await {
+                            return None;
+                        }
+                        sent_any = true;
+                        pending_since = None;
                     }
-                    last_flush = Instant::now();
                 }
                 GenEvent::Done {
                     finish_reason,

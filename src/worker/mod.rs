@@ -59,6 +59,9 @@ pub struct WorkerArgs {
     pub parent_pid: Option<u32>,
     /// The inference service that runs `chat` and `completion` tasks (none: probes only).
     pub inference: Option<String>,
+    /// Generations sent to the inference service at once; more wait in the worker (their leases
+    /// kept by heartbeats) instead of being refused as busy and retried at once.
+    pub generation_slots: u32,
 }
 
 /// Worker failures that end the process.
@@ -97,6 +100,8 @@ struct Worker {
     inference: Option<CoordinatorClient>,
     /// The models advertised at the last registration.
     advertised: Mutex<Vec<String>>,
+    /// Gate in front of the inference service (see `WorkerArgs::generation_slots`).
+    generating: Arc<Semaphore>,
 }
 
 /// Runs the worker until `shutdown` is cancelled (then lets running tasks finish, up to `grace`).
@@ -133,6 +138,7 @@ pub async fn run(
         parent_pid: args.parent_pid,
         inference,
         advertised: Mutex::new(Vec::new()),
+        generating: Arc::new(Semaphore::new(args.generation_slots.max(1) as usize)),
     });
     let result = w.clone().session_loop(shutdown.clone()).await;
     // Stop taking work; give running tasks the grace period to report.
@@ -420,7 +426,15 @@ impl Worker {
                 probe::run(&task.payload, task.attempt, &self.agent, &host, &cancel).await
             }
             TaskKind::Chat | TaskKind::Completion => match &self.inference {
-                Some(inf) => generate::run(inf, &task, &host, &cancel).await,
+                Some(inf) => {
+                    let permit = tokio::select! {
+                        p = self.generating.clone().acquire_owned() => p.ok(),
+                        _ = cancel.cancelled() => return None,
+                    };
+                    let out = generate::run(inf, &task, &host, &cancel).await;
+                    drop(permit);
+                    out
+                }
                 None => Some(ReportedOutcome::Failed {
                     error: "this worker has no inference service".into(),
                     retryable: true,
