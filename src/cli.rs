@@ -101,6 +101,9 @@ pub enum Command {
     /// Manage GGUF models on this node (pull, add, list, info, rm, load, unload).
     #[command(subcommand)]
     Model(ModelCmd),
+    /// Manage API keys for the IDE provider (create, list, revoke).
+    #[command(subcommand)]
+    Apikey(ApiKeyCmd),
     /// Summarise a running node.
     Status(ConnectArgs),
     /// Create a key file and print its key id (for coordinator.agent_keys / client_keys).
@@ -172,6 +175,88 @@ pub struct WorkerCmd {
     /// Time running tasks get to finish after SIGTERM.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+}
+
+/// `edgecoder apikey ...`.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCmd {
+    /// Create a key and print it (it is shown only now).
+    Create {
+        /// A name to recognise it by.
+        #[arg(long, default_value = "unnamed")]
+        name: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// List keys (their ids, names and first characters; never the keys).
+    List {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Revoke a key by id; requests with it fail at once.
+    Revoke {
+        /// The key's id (from `apikey list`).
+        id: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+}
+
+/// Runs an `apikey` subcommand.
+///
+/// # Errors
+/// Connection and API errors.
+pub async fn apikey(cmd: ApiKeyCmd) -> anyhow::Result<u8> {
+    match cmd {
+        ApiKeyCmd::Create { name, conn } => {
+            let client = connect_service(&conn, Service::ControlPlane)?;
+            let k: crate::ide::keys::NewApiKey = client
+                .post("/apikeys", &serde_json::json!({"name": name}))
+                .await?;
+            if conn.json {
+                print_json(&k)?;
+            } else {
+                println!("{}", k.key);
+                eprintln!(
+                    "created key {} ({}); it is shown only now",
+                    k.record.id, k.record.name
+                );
+            }
+            Ok(0)
+        }
+        ApiKeyCmd::List { conn } => {
+            let client = connect_service(&conn, Service::ControlPlane)?;
+            let keys: Vec<crate::ide::keys::ApiKeyRecord> = client.get("/apikeys").await?;
+            if conn.json {
+                print_json(&keys)?;
+            } else {
+                for k in keys {
+                    println!("{}  {:<20} {}...", k.id, k.name, k.prefix);
+                }
+            }
+            Ok(0)
+        }
+        ApiKeyCmd::Revoke { id, conn } => {
+            let client = connect_service(&conn, Service::ControlPlane)?;
+            let url = client.base().join(&format!("/apikeys/{id}"))?;
+            let resp = client
+                .signed(Method::DELETE, &url, Vec::new(), Duration::from_secs(30))
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                bail!(
+                    "{}",
+                    error_text(status, &resp.text().await.unwrap_or_default())
+                );
+            }
+            eprintln!("revoked {id}");
+            Ok(0)
+        }
+    }
 }
 
 /// `edgecoder model ...`.
@@ -360,11 +445,20 @@ pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
     Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
 }
 
-/// A signed client for the node's inference service.
+/// Which of the node's signed APIs a command talks to.
+#[derive(Debug, Clone, Copy)]
+pub enum Service {
+    /// :4302.
+    Inference,
+    /// :4303.
+    ControlPlane,
+}
+
+/// A signed client for one of the node's local services (from node.json, else the config).
 ///
 /// # Errors
 /// Configuration problems, an unreadable key.
-pub fn connect_inference(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
+pub fn connect_service(conn: &ConnectArgs, service: Service) -> anyhow::Result<CoordinatorClient> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let (cfg, _) = Config::load(&conn.config.overrides(), &env)?;
     let key_path = conn
@@ -377,13 +471,16 @@ pub fn connect_inference(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient
             key_path.display()
         )
     })?;
-    let url = match NodeInfo::read(&cfg.data_dir) {
-        Ok(info) => format!("http://{}", crate::node::local_addr(info.inference)),
-        Err(_) => format!(
-            "http://{}",
-            crate::node::local_addr(cfg.addr(&cfg.inference.listen))
-        ),
+    let info = NodeInfo::read(&cfg.data_dir).ok();
+    let addr = match service {
+        Service::Inference => info
+            .map(|i| i.inference)
+            .unwrap_or(cfg.addr(&cfg.inference.listen)),
+        Service::ControlPlane => info
+            .map(|i| i.control_plane)
+            .unwrap_or(cfg.addr(&cfg.control_plane)),
     };
+    let url = format!("http://{}", crate::node::local_addr(addr));
     Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
 }
 
@@ -469,7 +566,7 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             conn,
         } => {
             use futures_util::StreamExt;
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let body = serde_json::to_vec(&PullRequest {
                 url: source,
                 sha256,
@@ -525,7 +622,7 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             bail!("the node ended the pull without a result")
         }
         ModelCmd::Add { file, name, conn } => {
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let path =
                 std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
             let view: ModelView = client
@@ -541,7 +638,7 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         ModelCmd::List { conn } => {
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let list: Vec<ModelView> = client.get("/models").await?;
             if conn.json {
                 print_json(&list)?;
@@ -574,13 +671,13 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         ModelCmd::Info { name, conn } => {
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let m: ModelView = client.get(&format!("/models/{name}")).await?;
             print_json(&m)?;
             Ok(0)
         }
         ModelCmd::Rm { name, conn } => {
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let url = client.base().join(&format!("/models/{name}"))?;
             let resp = client
                 .signed(Method::DELETE, &url, Vec::new(), Duration::from_secs(30))
@@ -597,7 +694,7 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         ModelCmd::Load { name, conn } => {
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let v: serde_json::Value = client
                 .send::<(), serde_json::Value>(
                     Method::POST,
@@ -611,7 +708,7 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         ModelCmd::Unload { name, conn } => {
-            let client = connect_inference(&conn)?;
+            let client = connect_service(&conn, Service::Inference)?;
             let v: serde_json::Value = client
                 .send::<(), serde_json::Value>(
                     Method::POST,

@@ -66,7 +66,7 @@ pub struct Config {
     /// The control plane (:4303).
     pub control_plane: Listen,
     /// The IDE provider (:4304).
-    pub ide: Listen,
+    pub ide: IdeConfig,
     /// The supervised worker process.
     pub worker: WorkerConfig,
     /// Request signing, replay protection and rate limits.
@@ -132,6 +132,17 @@ pub struct InferenceConfig {
     /// The model `auto_pull` fetches: a catalog name or an http(s) URL of a GGUF file (a fleet's
     /// own mirror, say). Empty: the catalog's default for this box's memory class.
     pub default_model: String,
+}
+
+/// IDE provider settings.
+#[derive(Debug, Clone)]
+pub struct IdeConfig {
+    /// Where the OpenAI-compatible API listens.
+    pub listen: Listen,
+    /// Origins browsers may call the API from (CORS); `"*"` allows any.
+    pub cors_origins: Vec<String>,
+    /// Longest a request may take (queueing included) before it fails.
+    pub task_timeout: Duration,
 }
 
 /// Worker settings.
@@ -276,7 +287,11 @@ impl Default for Config {
                 default_model: String::new(),
             },
             control_plane: Listen::new(local, CONTROL_PLANE_PORT),
-            ide: Listen::new(any, IDE_PORT),
+            ide: IdeConfig {
+                listen: Listen::new(any, IDE_PORT),
+                cors_origins: vec!["*".into()],
+                task_timeout: Duration::from_secs(600),
+            },
             worker: WorkerConfig {
                 enabled: true,
                 slots: 16,
@@ -341,7 +356,7 @@ impl Config {
         c.inference.listen.port = 0;
         c.inference.auto_pull = false;
         c.control_plane.port = 0;
-        c.ide.port = 0;
+        c.ide.listen.port = 0;
         c
     }
 
@@ -539,6 +554,18 @@ impl Config {
         if i.max_loaded_models == 0 {
             p.push("inference.max_loaded_models: must be at least 1".into());
         }
+        for o in &self.ide.cors_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                p.push(format!(
+                    "ide.cors_origins: {o:?} must be \"*\" or an http(s) origin"
+                ));
+            }
+        }
+        if self.ide.task_timeout < Duration::from_secs(1)
+            || self.ide.task_timeout > self.coordinator.max_deadline
+        {
+            p.push("ide.task_timeout: must be between 1s and coordinator.max_deadline".into());
+        }
         let dm = &i.default_model;
         if !dm.is_empty()
             && !dm.starts_with("http://")
@@ -573,7 +600,7 @@ impl Config {
             ("coordinator.port", &self.coordinator.listen),
             ("inference.port", &self.inference.listen),
             ("control_plane.port", &self.control_plane),
-            ("ide.port", &self.ide),
+            ("ide.port", &self.ide.listen),
         ] {
             let a = self.addr(l);
             if a.port() == 0 {
@@ -706,11 +733,16 @@ impl<'p> Reader<'p> {
         self.get(&mut t, s, "default_model", &mut c.inference.default_model);
         self.finish(t, "inference");
 
-        for (name, l) in [("control_plane", &mut c.control_plane), ("ide", &mut c.ide)] {
-            let mut t = self.section(&mut root, name);
-            self.listen(&mut t, &format!("{name}."), l);
-            self.finish(t, name);
-        }
+        let mut t = self.section(&mut root, "control_plane");
+        self.listen(&mut t, "control_plane.", &mut c.control_plane);
+        self.finish(t, "control_plane");
+
+        let mut t = self.section(&mut root, "ide");
+        let s = "ide.";
+        self.listen(&mut t, s, &mut c.ide.listen);
+        self.get(&mut t, s, "cors_origins", &mut c.ide.cors_origins);
+        self.duration(&mut t, s, "task_timeout", &mut c.ide.task_timeout);
+        self.finish(t, "ide");
 
         let mut t = self.section(&mut root, "worker");
         let s = "worker.";
@@ -983,7 +1015,7 @@ mod tests {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.coordinator.listen.port, COORDINATOR_PORT);
         assert_eq!(c.addr(&c.inference.listen).to_string(), "127.0.0.1:4302");
-        assert_eq!(c.addr(&c.ide).to_string(), "0.0.0.0:4304");
+        assert_eq!(c.addr(&c.ide.listen).to_string(), "0.0.0.0:4304");
     }
 
     #[test]
@@ -1049,7 +1081,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/from/cli"));
         assert_eq!(c.coordinator.listen.port, 5001);
         assert_eq!(c.coordinator.max_attempts, 5);
-        assert_eq!(c.ide.port, 6000);
+        assert_eq!(c.ide.listen.port, 6000);
         assert_eq!(c.worker.slots, 3);
         assert_eq!(c.addr(&c.inference.listen).to_string(), "127.0.0.2:4302");
     }

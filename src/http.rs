@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::security::ratelimit::RateLimits;
 
-/// An error as every service returns it: `{"error": {"code": "...", "message": "..."}}` with a
-/// status, and `Retry-After` where waiting helps.
+/// An error as every service returns it, in OpenAI's error shape so IDE clients parse it too:
+/// `{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}` with a status,
+/// and `Retry-After` where waiting helps. `type` follows from the status.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     /// HTTP status.
@@ -33,6 +34,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds to wait before retrying, for 429 and 503.
     pub retry_after: Option<Duration>,
+    /// The request field at fault, when one is.
+    pub param: Option<&'static str>,
 }
 
 impl ApiError {
@@ -43,6 +46,24 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            param: None,
+        }
+    }
+
+    /// Names the request field at fault.
+    pub fn param(mut self, p: &'static str) -> Self {
+        self.param = Some(p);
+        self
+    }
+
+    /// OpenAI's error `type` for the status.
+    pub fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
         }
     }
 
@@ -80,16 +101,21 @@ struct ErrorBody<'a> {
 
 #[derive(serde::Serialize)]
 struct ErrorInner<'a> {
-    code: &'a str,
     message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&ErrorBody {
             error: ErrorInner {
-                code: self.code,
                 message: &self.message,
+                kind: self.kind(),
+                param: self.param,
+                code: self.code,
             },
         })
         .unwrap_or_default();

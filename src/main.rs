@@ -85,6 +85,7 @@ fn main() -> ExitCode {
             }
             Command::Task(t) => edgecoder::cli::task(t).await,
             Command::Model(m) => edgecoder::cli::model(m).await,
+            Command::Apikey(a) => edgecoder::cli::apikey(a).await,
             Command::Status(c) => edgecoder::cli::status(c).await,
             Command::Keygen { out } => {
                 let (id, created) = edgecoder::identity::Identity::load_or_create(&out)?;

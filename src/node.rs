@@ -220,7 +220,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         store.clone(),
         identity.key_id(),
         worker_key,
-        nonces,
+        nonces.clone(),
         health.clone(),
         process.clone(),
         limits.clone(),
@@ -228,6 +228,18 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         services.clone(),
     )
     .map_err(|e| NodeError::Inference(e.to_string()))?;
+    let api_keys = crate::ide::keys::ApiKeys::load(store.clone())?;
+    let ide = crate::ide::spawn(
+        &cfg,
+        api_keys.clone(),
+        coordinator.state.clone(),
+        inference.handle.clone(),
+        health.clone(),
+        process.clone(),
+        limits.clone(),
+        tracker.clone(),
+    )
+    .await?;
     coordinator_loops.push(("inference.background", inference.task));
     let routers = [
         (
@@ -243,13 +255,18 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         (
             "control_plane",
             cfg.addr(&cfg.control_plane),
-            crate::control_plane::router(health.clone(), process.clone(), limits.clone()),
+            crate::control_plane::router(
+                &cfg,
+                store.clone(),
+                identity.key_id(),
+                nonces.clone(),
+                api_keys.clone(),
+                health.clone(),
+                process.clone(),
+                limits.clone(),
+            ),
         ),
-        (
-            "ide",
-            cfg.addr(&cfg.ide),
-            crate::ide::router(health.clone(), process.clone(), limits.clone()),
-        ),
+        ("ide", cfg.addr(&cfg.ide.listen), ide),
     ];
     let mut bound: Vec<(&'static str, TcpListener, axum::Router)> = Vec::new();
     for (name, addr, router) in routers {

@@ -11,11 +11,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
-use tokio::sync::broadcast;
 
 use super::error::CoordinatorError;
 use super::model::*;
-use super::state::{CoordinatorState, ResultWait, Subscription};
+use super::state::{CoordinatorState, CursorItem, EventCursor, ResultWait};
 use crate::health::NodeHealth;
 use crate::http::{ApiError, JsonBody, QueryParams as Query};
 use crate::security::{Auth, Role};
@@ -217,18 +216,13 @@ pub async fn events(
         })?,
         None => q.after.unwrap_or(0),
     };
-    let sub = ctx
-        .state
-        .subscribe(&p, id, after)
+    let cursor = EventCursor::open(&ctx.state, &p, id, after)
         .await
         .map_err(IntoResponse::into_response)?;
     let stream = EventStream {
+        cursor,
         state: ctx.state.clone(),
         principal: p,
-        id,
-        last: after,
-        backlog: sub.backlog.into(),
-        live: sub.live,
         ended: false,
         final_state: None,
     };
@@ -239,83 +233,52 @@ pub async fn events(
 }
 
 struct EventStream {
+    cursor: EventCursor,
     state: CoordinatorState,
     principal: crate::security::Principal,
-    id: TaskId,
-    last: u32,
-    backlog: std::collections::VecDeque<TaskEvent>,
-    live: Option<broadcast::Receiver<TaskEvent>>,
     ended: bool,
     /// The state named by the last state event sent.
     final_state: Option<String>,
 }
 
 impl EventStream {
+    fn cursor_id(&self) -> TaskId {
+        self.cursor.task()
+    }
+
     async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
-        loop {
-            if let Some(ev) = self.backlog.pop_front() {
-                if ev.seq <= self.last {
-                    continue;
-                }
-                self.last = ev.seq;
+        if self.ended {
+            return None;
+        }
+        match self.cursor.next().await {
+            CursorItem::Event(ev) => {
                 if ev.kind == EventKind::State
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(&ev.data)
                 {
                     self.final_state = v["state"].as_str().map(str::to_string);
                 }
-                return Some((Ok(sse_event(&ev)), self));
+                Some((Ok(sse_event(&ev)), self))
             }
-            if let Some(live) = self.live.as_mut() {
-                let shutdown = self.state.shutdown_token().clone();
-                let received = tokio::select! {
-                    r = live.recv() => r,
-                    // The node is stopping: end the stream without `end`; the client resumes
-                    // from its Last-Event-ID once the node is back.
-                    _ = shutdown.cancelled() => return None,
+            // The node is stopping: end the stream without `end`; the client resumes from its
+            // Last-Event-ID once the node is back.
+            CursorItem::Shutdown => None,
+            CursorItem::End => {
+                self.ended = true;
+                let state = match self.final_state.take() {
+                    Some(s) => s,
+                    // Resumed after the last state event: ask for the state.
+                    None => self
+                        .state
+                        .get(&self.principal, self.cursor_id())
+                        .await
+                        .map(|v| v.state.as_str().to_string())
+                        .unwrap_or_else(|_| "unknown".into()),
                 };
-                match received {
-                    Ok(ev) => {
-                        self.backlog.push_back(ev);
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Fell behind the live channel: catch up from history, then follow again.
-                        match self
-                            .state
-                            .subscribe(&self.principal, self.id, self.last)
-                            .await
-                        {
-                            Ok(Subscription { backlog, live }) => {
-                                self.backlog = backlog.into();
-                                self.live = live;
-                            }
-                            Err(_) => self.live = None,
-                        }
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        self.live = None;
-                        continue;
-                    }
-                }
+                let end = Event::default()
+                    .event("end")
+                    .data(serde_json::json!({ "state": state }).to_string());
+                Some((Ok(end), self))
             }
-            if self.ended {
-                return None;
-            }
-            self.ended = true;
-            let state = match self.final_state.take() {
-                Some(s) => s,
-                None => self
-                    .state
-                    .get(&self.principal, self.id)
-                    .await
-                    .map(|v| v.state.as_str().to_string())
-                    .unwrap_or_else(|_| "unknown".into()),
-            };
-            let end = Event::default()
-                .event("end")
-                .data(serde_json::json!({ "state": state }).to_string());
-            return Some((Ok(end), self));
         }
     }
 }

@@ -1490,3 +1490,97 @@ fn push_event(w: &mut Watch, ev: TaskEvent) {
     }
     w.recent.push_back(ev);
 }
+
+/// Follows a task's events in order: what is recorded, then live ones until the task finishes.
+/// A reader that falls behind the live channel catches up from history without gaps.
+#[derive(Debug)]
+pub struct EventCursor {
+    state: CoordinatorState,
+    principal: Principal,
+    id: TaskId,
+    last: u32,
+    backlog: VecDeque<TaskEvent>,
+    live: Option<broadcast::Receiver<TaskEvent>>,
+}
+
+/// What [`EventCursor::next`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorItem {
+    /// The next event.
+    Event(TaskEvent),
+    /// The task finished and every event was read.
+    End,
+    /// The node is shutting down; resume later from the last sequence number.
+    Shutdown,
+}
+
+impl EventCursor {
+    /// A cursor over `id`'s events after `after`.
+    ///
+    /// # Errors
+    /// Not found, storage.
+    pub async fn open(
+        state: &CoordinatorState,
+        p: &Principal,
+        id: TaskId,
+        after: u32,
+    ) -> Result<Self, CoordinatorError> {
+        let sub = state.subscribe(p, id, after).await?;
+        Ok(EventCursor {
+            state: state.clone(),
+            principal: *p,
+            id,
+            last: after,
+            backlog: sub.backlog.into(),
+            live: sub.live,
+        })
+    }
+
+    /// The task followed.
+    pub fn task(&self) -> TaskId {
+        self.id
+    }
+
+    /// Sequence number of the last event returned.
+    pub fn last(&self) -> u32 {
+        self.last
+    }
+
+    /// The next event, or why there is none.
+    pub async fn next(&mut self) -> CursorItem {
+        loop {
+            if let Some(ev) = self.backlog.pop_front() {
+                if ev.seq <= self.last {
+                    continue;
+                }
+                self.last = ev.seq;
+                return CursorItem::Event(ev);
+            }
+            let Some(live) = self.live.as_mut() else {
+                return CursorItem::End;
+            };
+            let shutdown = self.state.shutdown_token().clone();
+            let received = tokio::select! {
+                r = live.recv() => r,
+                _ = shutdown.cancelled() => return CursorItem::Shutdown,
+            };
+            match received {
+                Ok(ev) => self.backlog.push_back(ev),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    match self
+                        .state
+                        .subscribe(&self.principal, self.id, self.last)
+                        .await
+                    {
+                        Ok(Subscription { backlog, live }) => {
+                            self.backlog = backlog.into();
+                            self.live = live;
+                        }
+                        Err(_) => self.live = None,
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => self.live = None,
+            }
+        }
+    }
+}

@@ -83,9 +83,11 @@ pub struct Tables {
     pub models: Database<Bytes, Bytes>,
     /// Small named values (schema version, counters).
     pub kv: Database<Bytes, Bytes>,
+    /// IDE API keys: sha256 of the key -> record (the key itself is never stored).
+    pub api_keys: Database<Bytes, Bytes>,
 }
 
-const TABLE_COUNT: u32 = 13;
+const TABLE_COUNT: u32 = 14;
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +250,7 @@ impl Store {
             blacklist: mk(&mut wtxn, "blacklist")?,
             models: mk(&mut wtxn, "models")?,
             kv: mk(&mut wtxn, "kv")?,
+            api_keys: mk(&mut wtxn, "api_keys")?,
         };
         match tables.kv.get(&wtxn, b"schema_version")? {
             Some(v) => {
