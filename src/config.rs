@@ -109,13 +109,13 @@ pub struct CoordinatorConfig {
 pub struct InferenceConfig {
     /// Where the inference service listens.
     pub listen: Listen,
-    /// CPU threads for a model's slots together; 0 means the number of physical cores.
+    /// CPU threads a loaded model decodes with; 0 means the number of physical cores.
     pub threads: u32,
-    /// Generations a loaded model runs at once (each slot has its own context).
+    /// Generations a loaded model runs at once, batched together.
     pub slots: u32,
     /// Requests waiting for a slot before new ones get 503.
     pub queue_depth: usize,
-    /// Context length per slot, in tokens (capped by the model's own).
+    /// Context length of each generation, in tokens (capped by the model's own).
     pub context: u32,
     /// Prompt tokens evaluated per step.
     pub batch: u32,
@@ -275,7 +275,7 @@ impl Default for Config {
             inference: InferenceConfig {
                 listen: Listen::new(local, INFERENCE_PORT),
                 threads: 0,
-                slots: 1,
+                slots: 4,
                 queue_depth: 8,
                 context: 4096,
                 batch: 512,

@@ -527,3 +527,72 @@ async fn chat_tasks_stream_tokens_and_match_direct_generation() {
     }
     assert!(stopped, "the generation ended as cancelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_generations_all_progress_and_a_slow_reader_stalls_no_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(4, 4);
+    let m = model(dir.path(), &e, "tiny");
+    // A reader that takes nothing until the others are done: its sequence fills its event buffer
+    // and pauses, the others carry on.
+    let slow = m
+        .submit(
+            text("slow reader"),
+            greedy(150, &[]),
+            CancellationToken::new(),
+        )
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut readers = Vec::new();
+    for p in ["alpha", "beta gamma", "delta epsilon zeta"] {
+        let rx = m
+            .submit(text(p), greedy(120, &[]), CancellationToken::new())
+            .unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut rx = rx;
+            let mut first = None;
+            let mut tokens = 0;
+            loop {
+                match rx.recv().await.expect("a done event") {
+                    GenEvent::Start { .. } => {}
+                    GenEvent::Token { .. } => {
+                        tokens += 1;
+                        first.get_or_insert_with(std::time::Instant::now);
+                    }
+                    end => return (first, std::time::Instant::now(), tokens, end),
+                }
+            }
+        }));
+    }
+    let mut firsts = Vec::new();
+    let mut ends = Vec::new();
+    for r in readers {
+        let (first, end_at, tokens, end) = r.await.unwrap();
+        assert!(matches!(end, GenEvent::Done { .. }), "{end:?}");
+        assert!(tokens > 0);
+        firsts.push(first.unwrap());
+        ends.push(end_at);
+    }
+    // Every generation had produced text before any of them finished: they ran together.
+    let last_first = firsts.iter().max().unwrap();
+    let first_end = ends.iter().min().unwrap();
+    assert!(
+        last_first < first_end,
+        "first tokens at {:?}, first end at {:?}",
+        firsts.iter().map(|t| *t - started).collect::<Vec<_>>(),
+        *first_end - started
+    );
+    // The slow reader lost nothing while it was paused.
+    let (pieces, end, _) = collect(slow).await;
+    let n = completion_tokens(&end);
+    assert!(n > 0);
+    assert!(pieces.len() as u32 <= n && !pieces.is_empty());
+    // Every sequence is handed back (just after the last event is delivered).
+    for _ in 0..200 {
+        if m.idle() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(m.idle(), "{:?}", m.status());
+}

@@ -41,7 +41,9 @@ impl Content {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => out.push_str(t),
                         (kind, _) => {
-                            return Err(format!("content parts of type {kind:?} are not supported"));
+                            return Err(format!(
+                                "content parts of type {kind:?} are not supported"
+                            ));
                         }
                     }
                 }

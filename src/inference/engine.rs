@@ -1,13 +1,16 @@
 //! The llama.cpp engine: loaded models, their slots, and generation on dedicated threads.
 //!
-//! # Threads and slots
-//! The llama.cpp backend is initialised once per process. Each loaded model has `slots` OS
-//! threads; each owns one llama context (its own KV cache) and takes jobs from the model's
-//! bounded queue, so generation never runs on the async runtime. When every slot is busy and the
-//! queue holds `queue_depth` jobs, [`Loaded::submit`] refuses with [`EngineError::Busy`] (the
-//! HTTP layer answers 503 with Retry-After). Threads per slot: the configured thread count
-//! (default: physical cores) divided among the slots, never llama.cpp's default of 4, which
-//! collapses on small boxes when threads spin against each other.
+//! # Threads, slots and batching
+//! The llama.cpp backend is initialised once per process. Each loaded model has one generation
+//! thread owning one llama context whose KV cache holds `slots` sequences of `context` tokens
+//! each. The thread decodes every running sequence together, one token each per step, with the
+//! prompts of newly admitted requests filling the rest of the batch (continuous batching): all
+//! running generations progress every step and a request starts as soon as a sequence is free.
+//! Generation never runs on the async runtime. When every sequence is busy and the queue holds
+//! `queue_depth` jobs, [`Loaded::submit`] refuses with [`EngineError::Busy`] (the HTTP layer
+//! answers 503 with Retry-After). The context uses the configured thread count (default:
+//! physical cores), never llama.cpp's default of 4, which collapses on small boxes when threads
+//! spin against each other.
 //!
 //! # Untrusted model files
 //! Every file passes [`super::gguf::inspect`] before llama.cpp opens it (some malformed files
@@ -15,9 +18,10 @@
 //!
 //! # Cancellation
 //! A job ends early when its token is cancelled or its event receiver is dropped (the HTTP client
-//! went away): the slot checks both between tokens.
+//! went away): the generation thread checks both every step. A consumer that reads slowly pauses
+//! only its own sequence.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,13 +96,13 @@ pub enum EngineError {
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Threads in total for a model's slots (0: physical cores).
+    /// Threads for a model's context (0: physical cores).
     pub threads: u32,
     /// Concurrent generations per model.
     pub slots: u32,
     /// Requests waiting for a slot before new ones are refused.
     pub queue_depth: usize,
-    /// Context length per slot (capped by the model's training context).
+    /// Context length per sequence (capped by the model's training context).
     pub context: u32,
     /// Prompt tokens evaluated per decode call.
     pub batch: u32,
@@ -268,10 +272,6 @@ pub struct LoadedStatus {
     /// Seconds since last use.
     pub idle_secs: f64,
 }
-
-/// Creating contexts from one model on several threads at once is unsound in llama.cpp (it
-/// mutates the model); slots create theirs one at a time under this lock.
-static CONTEXT_LOCK: Mutex<()> = Mutex::new(());
 
 impl Loaded {
     /// Queues a generation. The receiver yields `start`, `token`s and `done` (or `error`).
@@ -515,58 +515,52 @@ impl LlamaEngine {
         })?;
         let model = Arc::new(model);
         let slots = self.cfg.slots.max(1) as usize;
-        let total_threads = if self.cfg.threads == 0 {
+        let threads = if self.cfg.threads == 0 {
             physical_cores()
         } else {
             self.cfg.threads
-        };
-        let per_slot = (total_threads as usize / slots).max(1) as i32;
+        } as i32;
         let n_ctx = self.cfg.context.min(model.n_ctx_train()).max(64);
-        // Room for every slot to have one job handed over plus the waiting queue.
+        // Room for every sequence to have one job handed over plus the waiting queue.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(self.cfg.queue_depth + slots);
-        let rx = Arc::new(Mutex::new(rx));
         let busy = Arc::new(AtomicUsize::new(0));
         let queued = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Mutex::new(Throughput::default()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        for i in 0..slots {
-            let slot = Slot {
-                model: model.clone(),
-                rx: rx.clone(),
-                busy: busy.clone(),
-                queued: queued.clone(),
-                stats: stats.clone(),
-                n_ctx,
-                n_batch: self.cfg.batch.max(32),
-                threads: per_slot,
+        let scheduler = Scheduler {
+            model: model.clone(),
+            rx,
+            busy: busy.clone(),
+            queued: queued.clone(),
+            stats: stats.clone(),
+            slots,
+            n_ctx,
+            // Every running sequence puts one token in each batch.
+            n_batch: self.cfg.batch.max(32).max(slots as u32),
+            threads,
+            name: name.to_string(),
+        };
+        std::thread::Builder::new()
+            .name(format!("llama-{name}"))
+            .spawn(move || scheduler.run(backend, ready_tx))
+            .map_err(|e| EngineError::Context {
                 name: name.to_string(),
-            };
-            let ready = ready_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("llama-{i}"))
-                .spawn(move || slot.run(backend, ready))
-                .map_err(|e| EngineError::Context {
+                reason: e.to_string(),
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => {
+                drop(tx);
+                return Err(EngineError::Context {
                     name: name.to_string(),
-                    reason: e.to_string(),
-                })?;
-        }
-        drop(ready_tx);
-        for _ in 0..slots {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => {
-                    drop(tx);
-                    return Err(EngineError::Context {
-                        name: name.to_string(),
-                        reason,
-                    });
-                }
-                Err(_) => {
-                    return Err(EngineError::Context {
-                        name: name.to_string(),
-                        reason: "slot thread ended".into(),
-                    });
-                }
+                    reason,
+                });
+            }
+            Err(_) => {
+                return Err(EngineError::Context {
+                    name: name.to_string(),
+                    reason: "the generation thread ended".into(),
+                });
             }
         }
         let loaded = Arc::new(Loaded {
@@ -586,7 +580,7 @@ impl LlamaEngine {
         tracing::info!(
             model = name,
             slots,
-            threads_per_slot = per_slot,
+            threads,
             context = n_ctx,
             ms = started.elapsed().as_millis() as u64,
             "inference.load"
@@ -595,53 +589,97 @@ impl LlamaEngine {
     }
 }
 
-/// Hands an event to the consumer, waiting while its buffer is full but giving up when the job
-/// is cancelled or the consumer is gone (a blocked `blocking_send` would never see the cancel).
-fn send(job: &Job, mut ev: GenEvent) -> Result<(), ()> {
-    loop {
-        match job.tx.try_send(ev) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(()),
-            Err(mpsc::error::TrySendError::Full(back)) => {
-                if job.cancel.is_cancelled() {
-                    return Err(());
+/// A generation's state inside the scheduler.
+enum Stage {
+    /// Prompt tokens from this index on are still to be evaluated.
+    Prompt(usize),
+    /// The next token to feed back (sampled, not yet decoded).
+    Decode(LlamaToken),
+    /// Finished: the events in `pending` are all that is left.
+    Finished,
+}
+
+/// One running generation: a sequence of the shared context.
+struct Seq {
+    id: i32,
+    job: Job,
+    tokens: Vec<LlamaToken>,
+    /// Next KV position.
+    pos: i32,
+    stage: Stage,
+    sampler: LlamaSampler,
+    text: TextStream,
+    max_new: usize,
+    generated: u32,
+    started: Instant,
+    queue_ms: f64,
+    first_token_at: Option<Instant>,
+    /// Events the consumer has no room for yet; the sequence pauses until they are taken, so one
+    /// slow reader never stalls the others.
+    pending: VecDeque<GenEvent>,
+    /// Index in the current batch whose logits belong to this sequence.
+    logits_at: Option<i32>,
+    /// Whether the current batch holds tokens of this sequence.
+    in_batch: bool,
+}
+
+impl Seq {
+    fn gone(&self) -> bool {
+        self.job.cancel.is_cancelled() || self.job.tx.is_closed()
+    }
+
+    /// Hands pending events over; false when the consumer is gone.
+    fn flush(&mut self) -> bool {
+        while let Some(ev) = self.pending.pop_front() {
+            match self.job.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    self.pending.push_front(back);
+                    return !self.job.cancel.is_cancelled();
                 }
-                ev = back;
-                std::thread::sleep(std::time::Duration::from_millis(2));
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
+        true
     }
 }
 
-struct Slot {
+/// A loaded model's generation thread: one llama.cpp context whose KV cache holds `slots`
+/// sequences, decoded together (continuous batching).
+///
+/// Each step puts the next token of every running sequence, then prompt tokens of newly admitted
+/// ones (up to the batch size), into one batch and decodes it once: every running generation
+/// advances every step, a new request joins as soon as a sequence is free, and the model's
+/// weights are read once per step for all of them, which is where CPU inference spends its time.
+struct Scheduler {
     model: Arc<LlamaModel>,
-    rx: Arc<Mutex<Receiver<Job>>>,
+    rx: Receiver<Job>,
     busy: Arc<AtomicUsize>,
     queued: Arc<AtomicUsize>,
     stats: Arc<Mutex<Throughput>>,
+    slots: usize,
+    /// Context per sequence.
     n_ctx: u32,
     n_batch: u32,
     threads: i32,
     name: String,
 }
 
-impl Slot {
+impl Scheduler {
     fn run(
         self,
         backend: &'static LlamaBackend,
         ready: std::sync::mpsc::Sender<Result<(), String>>,
     ) {
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(self.n_ctx))
+            .with_n_ctx(NonZeroU32::new(self.n_ctx * self.slots as u32))
+            .with_n_seq_max(self.slots as u32)
+            .with_kv_unified(false)
             .with_n_batch(self.n_batch)
             .with_n_threads(self.threads)
             .with_n_threads_batch(self.threads)
             .with_no_perf(true);
-        let ctx = {
-            let _one_at_a_time = CONTEXT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-            self.model.new_context(backend, params)
-        };
-        let mut ctx = match ctx {
+        let mut ctx = match self.model.new_context(backend, params) {
             Ok(c) => {
                 let _ = ready.send(Ok(()));
                 c
@@ -653,33 +691,240 @@ impl Slot {
         };
         drop(ready);
         let mut batch = LlamaBatch::new(self.n_batch as usize, 1);
+        let mut free: Vec<i32> = (0..self.slots as i32).rev().collect();
+        let mut active: Vec<Seq> = Vec::new();
+        let mut closed = false;
         loop {
-            let job = {
-                let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-                rx.recv()
-            };
-            let Ok(job) = job else { return };
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.busy.fetch_add(1, Ordering::Relaxed);
-            ctx.clear_kv_cache();
-            let result = self.generate(&mut ctx, &mut batch, &job);
-            if let Err(e) = result {
-                let _ = send(
-                    &job,
-                    GenEvent::Error {
-                        code: "generation_failed".into(),
-                        message: e,
-                    },
-                );
+            // Admit waiting jobs into free sequences; block only when nothing runs.
+            while !closed && let Some(&id) = free.last() {
+                let job = if active.is_empty() {
+                    match self.rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(j) => j,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                };
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                if let Some(seq) = self.admit(job, id) {
+                    free.pop();
+                    self.busy.fetch_add(1, Ordering::Relaxed);
+                    active.push(seq);
+                }
             }
-            self.busy.fetch_sub(1, Ordering::Relaxed);
+            if active.is_empty() {
+                if closed {
+                    return;
+                }
+                continue;
+            }
+
+            // Deliver events, notice departures, retire finished sequences.
+            active.retain_mut(|seq| {
+                let alive = seq.flush() && !seq.gone();
+                let finished = matches!(seq.stage, Stage::Finished);
+                if !alive && !finished {
+                    self.finish(seq, FinishReason::Cancelled);
+                    let _ = seq.flush();
+                }
+                if alive && !(finished && seq.pending.is_empty()) {
+                    return true;
+                }
+                let _ = ctx.clear_kv_cache_seq(Some(seq.id as u32), None, None);
+                free.push(seq.id);
+                // Lowest ids first: running sequences stay a compact run of ids.
+                free.sort_unstable_by(|a, b| b.cmp(a));
+                self.busy.fetch_sub(1, Ordering::Relaxed);
+                false
+            });
+
+            // One batch: a token for every generating sequence; the rest of the room goes to
+            // prompts waiting to be evaluated, first admitted first.
+            let decoding = active
+                .iter()
+                .filter(|s| matches!(s.stage, Stage::Decode(_)) && s.pending.is_empty())
+                .count();
+            let mut room = (self.n_batch as usize).saturating_sub(decoding);
+            let mut take = vec![0usize; active.len()];
+            for (i, seq) in active.iter().enumerate() {
+                if let Stage::Prompt(next) = seq.stage {
+                    take[i] = room.min(seq.tokens.len() - next);
+                    room -= take[i];
+                }
+            }
+            // Tokens go in in sequence-id order: llama.cpp splits a batch over several sequences
+            // into runs of consecutive ids, so any other order costs extra passes.
+            let mut order: Vec<usize> = (0..active.len()).collect();
+            order.sort_unstable_by_key(|&i| active[i].id);
+            batch.clear();
+            let mut failed = None;
+            for i in order {
+                let seq = &mut active[i];
+                seq.logits_at = None;
+                seq.in_batch = false;
+                if failed.is_some() {
+                    continue;
+                }
+                match seq.stage {
+                    Stage::Decode(t) if seq.pending.is_empty() => {
+                        if let Err(e) = batch.add(t, seq.pos, &[seq.id], true) {
+                            failed = Some(e.to_string());
+                            continue;
+                        }
+                        seq.logits_at = Some(batch.n_tokens() - 1);
+                        seq.in_batch = true;
+                        seq.pos += 1;
+                    }
+                    Stage::Prompt(next) if take[i] > 0 => {
+                        for (j, t) in seq.tokens[next..next + take[i]].iter().enumerate() {
+                            let last = next + j == seq.tokens.len() - 1;
+                            seq.in_batch = true;
+                            if let Err(e) = batch.add(*t, seq.pos, &[seq.id], last) {
+                                failed = Some(e.to_string());
+                                break;
+                            }
+                            seq.pos += 1;
+                            if last {
+                                seq.logits_at = Some(batch.n_tokens() - 1);
+                            }
+                        }
+                        seq.stage = Stage::Prompt(next + take[i]);
+                    }
+                    _ => {}
+                }
+            }
+            if batch.n_tokens() == 0 {
+                // Every sequence waits on a slow reader.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                continue;
+            }
+            if let Some(e) = failed.or_else(|| ctx.decode(&mut batch).err().map(|e| e.to_string()))
+            {
+                tracing::warn!(model = %self.name, error = %e, "inference.decode failed");
+                for seq in active.iter_mut().filter(|s| s.in_batch) {
+                    seq.pending.push_back(GenEvent::Error {
+                        code: "generation_failed".into(),
+                        message: e.clone(),
+                    });
+                    seq.stage = Stage::Finished;
+                }
+                continue;
+            }
+            let vocab = self.model.vocab();
+            for seq in active.iter_mut() {
+                let Some(idx) = seq.logits_at else { continue };
+                if let Stage::Prompt(next) = seq.stage {
+                    debug_assert_eq!(next, seq.tokens.len());
+                    seq.pending.push_back(GenEvent::Start {
+                        model: self.name.clone(),
+                        prompt_tokens: seq.tokens.len() as u32,
+                    });
+                    if seq.max_new == 0 {
+                        self.finish(seq, FinishReason::Length);
+                        continue;
+                    }
+                }
+                // Samples and accepts.
+                let t = seq.sampler.sample(&ctx, idx);
+                if vocab.is_eog(t) {
+                    self.finish(seq, FinishReason::Stop);
+                    continue;
+                }
+                seq.generated += 1;
+                seq.first_token_at.get_or_insert_with(Instant::now);
+                let piece = vocab.token_to_piece(t, false, None);
+                let pushed = seq.text.push(&piece);
+                if !pushed.text.is_empty() {
+                    seq.pending.push_back(GenEvent::Token { text: pushed.text });
+                }
+                if pushed.stopped {
+                    self.finish(seq, FinishReason::Stop);
+                } else if seq.generated as usize >= seq.max_new {
+                    self.finish(seq, FinishReason::Length);
+                } else {
+                    seq.stage = Stage::Decode(t);
+                }
+            }
         }
     }
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, String> {
+    /// Tokenises a job's prompt and sets up its sequence; answers and drops jobs that cannot run.
+    fn admit(&self, job: Job, id: i32) -> Option<Seq> {
+        // Cancelled while it waited in the queue: do not evaluate its prompt at all.
+        if job.cancel.is_cancelled() || job.tx.is_closed() {
+            return None;
+        }
+        let started = Instant::now();
+        let queue_ms = (started - job.enqueued).as_secs_f64() * 1000.0;
+        let refuse = |code: &str, message: String| {
+            let _ = job.tx.try_send(GenEvent::Error {
+                code: code.into(),
+                message,
+            });
+        };
+        let tokens = self.tokenize(&job.prompt);
+        if tokens.is_empty() {
+            refuse("generation_failed", "the prompt is empty".into());
+            return None;
+        }
+        if tokens.len() >= self.n_ctx as usize {
+            refuse(
+                "context_length_exceeded",
+                format!(
+                    "the prompt is {} tokens; the context holds {}",
+                    tokens.len(),
+                    self.n_ctx
+                ),
+            );
+            return None;
+        }
+        let s = &job.sampling;
+        let sampler = if s.temperature <= 0.0 {
+            LlamaSampler::greedy()
+        } else {
+            let mut chain = Vec::new();
+            if s.top_k > 0 {
+                chain.push(LlamaSampler::top_k(s.top_k));
+            }
+            chain.push(LlamaSampler::top_p(s.top_p, 1));
+            chain.push(LlamaSampler::temp(s.temperature));
+            chain.push(LlamaSampler::dist(s.seed));
+            LlamaSampler::chain_simple(chain)
+        };
+        let room = self.n_ctx as usize - tokens.len();
+        Some(Seq {
+            id,
+            text: TextStream::new(&s.stop),
+            max_new: (s.max_tokens as usize).min(room),
+            sampler,
+            job,
+            tokens,
+            pos: 0,
+            stage: Stage::Prompt(0),
+            generated: 0,
+            started,
+            queue_ms,
+            first_token_at: None,
+            pending: VecDeque::new(),
+            logits_at: None,
+            in_batch: false,
+        })
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Vec<LlamaToken> {
         let v = self.model.vocab();
         let bos = v.should_add_bos() && v.bos().0 >= 0;
-        Ok(match prompt {
+        match prompt {
             Prompt::Text {
                 text,
                 special,
@@ -703,119 +948,24 @@ impl Slot {
                 t.push(v.fim_mid());
                 t
             }
-        })
+        }
     }
 
-    fn generate(
-        &self,
-        ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-        batch: &mut LlamaBatch<'_>,
-        job: &Job,
-    ) -> Result<(), String> {
-        // Cancelled while it waited in the queue: do not evaluate its prompt at all.
-        if job.cancel.is_cancelled() || job.tx.is_closed() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let queue_ms = (started - job.enqueued).as_secs_f64() * 1000.0;
-        let tokens = self.tokenize(&job.prompt)?;
-        if tokens.is_empty() {
-            return Err("the prompt is empty".into());
-        }
-        if tokens.len() >= self.n_ctx as usize {
-            let _ = send(
-                job,
-                GenEvent::Error {
-                    code: "context_length_exceeded".into(),
-                    message: format!(
-                        "the prompt is {} tokens; the context holds {}",
-                        tokens.len(),
-                        self.n_ctx
-                    ),
-                },
-            );
-            return Ok(());
-        }
-        // Prompt evaluation, a batch at a time; logits only for the last token.
-        let last = tokens.len() - 1;
-        for (ci, chunk) in tokens.chunks(self.n_batch as usize).enumerate() {
-            batch.clear();
-            for (j, t) in chunk.iter().enumerate() {
-                let pos = ci * self.n_batch as usize + j;
-                batch
-                    .add(*t, pos as i32, &[0], pos == last)
-                    .map_err(|e| e.to_string())?;
-            }
-            ctx.decode(batch).map_err(|e| e.to_string())?;
-            if job.cancel.is_cancelled() || job.tx.is_closed() {
-                return Ok(());
+    /// Ends a sequence: the held-back text, the `done` event, the statistics.
+    fn finish(&self, seq: &mut Seq, finish: FinishReason) {
+        if finish != FinishReason::Cancelled {
+            let rest = seq.text.finish();
+            if !rest.is_empty() {
+                seq.pending.push_back(GenEvent::Token { text: rest });
             }
         }
-        let start = GenEvent::Start {
-            model: self.name.clone(),
-            prompt_tokens: tokens.len() as u32,
-        };
-        if send(job, start).is_err() {
-            return Ok(());
-        }
-        let s = &job.sampling;
-        let mut sampler = if s.temperature <= 0.0 {
-            LlamaSampler::greedy()
-        } else {
-            let mut chain = Vec::new();
-            if s.top_k > 0 {
-                chain.push(LlamaSampler::top_k(s.top_k));
-            }
-            chain.push(LlamaSampler::top_p(s.top_p, 1));
-            chain.push(LlamaSampler::temp(s.temperature));
-            chain.push(LlamaSampler::dist(s.seed));
-            LlamaSampler::chain_simple(chain)
-        };
-        let vocab = self.model.vocab();
-        let mut text = TextStream::new(&s.stop);
-        let room = self.n_ctx as usize - tokens.len();
-        let max_new = (s.max_tokens as usize).min(room);
-        let start_pos = tokens.len() as i32;
-        let mut generated = 0u32;
-        let mut first_token_at = None;
-        let mut finish = FinishReason::Length;
-        for pos in (start_pos..).take(max_new) {
-            if job.cancel.is_cancelled() || job.tx.is_closed() {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            let t = sampler.sample(ctx, batch.n_tokens() - 1);
-            sampler.accept(t);
-            if vocab.is_eog(t) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            generated += 1;
-            first_token_at.get_or_insert_with(Instant::now);
-            let piece = vocab.token_to_piece(t, false, None);
-            let pushed = text.push(&piece);
-            if !pushed.text.is_empty() && send(job, GenEvent::Token { text: pushed.text }).is_err()
-            {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if pushed.stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            batch.clear();
-            batch.add(t, pos, &[0], true).map_err(|e| e.to_string())?;
-            ctx.decode(batch).map_err(|e| e.to_string())?;
-        }
-        let rest = text.finish();
-        if !rest.is_empty() && finish != FinishReason::Cancelled {
-            let _ = send(job, GenEvent::Token { text: rest });
-        }
-        let total = started.elapsed();
-        let first_ms = first_token_at.map_or(0.0, |t| (t - job.enqueued).as_secs_f64() * 1000.0);
-        let tps = match first_token_at {
+        let generated = seq.generated;
+        let first_ms = seq
+            .first_token_at
+            .map_or(0.0, |t| (t - seq.job.enqueued).as_secs_f64() * 1000.0);
+        let tps = match seq.first_token_at {
             Some(t) if generated > 1 => {
-                (generated - 1) as f64 / t.elapsed().as_secs_f64().max(1e-9)
+                f64::from(generated - 1) / t.elapsed().as_secs_f64().max(1e-9)
             }
             _ => 0.0,
         };
@@ -830,22 +980,19 @@ impl Slot {
                 st.last_tokens_per_second = tps;
             }
         }
-        let _ = send(
-            job,
-            GenEvent::Done {
-                finish_reason: finish,
-                usage: Usage {
-                    prompt_tokens: tokens.len() as u32,
-                    completion_tokens: generated,
-                },
-                timings: Timings {
-                    queue_ms,
-                    first_token_ms: first_ms,
-                    tokens_per_second: tps,
-                    total_ms: (total.as_secs_f64() * 1000.0) + queue_ms,
-                },
+        seq.pending.push_back(GenEvent::Done {
+            finish_reason: finish,
+            usage: Usage {
+                prompt_tokens: seq.tokens.len() as u32,
+                completion_tokens: generated,
             },
-        );
-        Ok(())
+            timings: Timings {
+                queue_ms: seq.queue_ms,
+                first_token_ms: first_ms,
+                tokens_per_second: tps,
+                total_ms: seq.started.elapsed().as_secs_f64() * 1000.0 + seq.queue_ms,
+            },
+        });
+        seq.stage = Stage::Finished;
     }
 }
