@@ -198,6 +198,29 @@ async fn chat_and_completions_speak_openais_protocol() {
         .to_string();
     assert!(finish == "length" || finish == "stop");
 
+    // A `developer` message is a system message: the same prompt, the same text.
+    let as_role = |role: &str| {
+        serde_json::json!({
+            "model": "tiny", "max_tokens": 6, "temperature": 0,
+            "messages": [{"role": role, "content": "be brief"}, {"role": "user", "content": "hello"}],
+        })
+    };
+    let sys: serde_json::Value = post(&n, "/chat/completions", as_role("system"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let dev: serde_json::Value = post(&n, "/chat/completions", as_role("developer"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(dev["usage"]["prompt_tokens"], sys["usage"]["prompt_tokens"]);
+    assert_eq!(
+        dev["choices"][0]["message"]["content"],
+        sys["choices"][0]["message"]["content"]
+    );
+
     // Streamed with usage: role first, content deltas, a finish chunk, a usage chunk, [DONE].
     let mut streamed = ask.clone();
     streamed["stream"] = true.into();

@@ -350,6 +350,24 @@ async fn chat_templates_and_fill_in_the_middle() {
     )
     .await;
     assert!(matches!(end, GenEvent::Done { .. }));
+    // Editors that write their own FIM prompt send the control tokens as text: they are parsed
+    // as the three FIM tokens (this ChatML model adds no BOS), not spelled out piece by piece.
+    let raw = GenerateRequest {
+        model: "tiny".into(),
+        prompt: Some("<|fim_prefix|><|fim_suffix|><|fim_middle|>".into()),
+        ..Default::default()
+    };
+    let (_, end, prompt_tokens) = collect(
+        m.submit(
+            m.prompt_for(&raw).unwrap(),
+            greedy(2, &[]),
+            CancellationToken::new(),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert!(matches!(end, GenEvent::Done { .. }));
+    assert_eq!(prompt_tokens, 3);
     let mut no_fim = ModelSpec::tiny();
     no_fim.fim = false;
     let path = dir.path().join("nofim.gguf");

@@ -161,7 +161,14 @@ pub async fn chat(
                     .map_err(|e| ApiError::bad_request(e).param("messages"))?,
                 None => String::new(),
             };
-            messages.push(serde_json::json!({"role": m.role, "content": content}));
+            // OpenAI's newer clients send instructions as `developer`; chat templates know
+            // `system`.
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            messages.push(serde_json::json!({"role": role, "content": content}));
         }
         let mut payload = serde_json::Map::new();
         payload.insert("messages".into(), messages.into());

@@ -344,9 +344,12 @@ impl Loaded {
                     suffix: suffix.clone(),
                 });
             }
+            // Control tokens in a raw prompt are parsed, as llama.cpp's server does: editors that
+            // build their own fill-in-the-middle prompts (Continue, Tabby) send the model's FIM
+            // tokens as text. The caller writes the whole prompt, so this crosses no boundary.
             return Ok(Prompt::Text {
                 text: prompt.clone(),
-                special: false,
+                special: true,
                 add_bos: true,
             });
         }
