@@ -325,7 +325,7 @@ fn main() {
     let backend = LlamaBackend::init().expect("backend");
     let node_dir = dir.path().join("node");
     std::fs::create_dir_all(&node_dir).expect("node dir");
-    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_edgecoder"))
+    let node = std::process::Command::new(env!("CARGO_BIN_EXE_edgecoder"))
         .args(["run", "--data-dir"])
         .arg(&node_dir)
         .args([
@@ -356,9 +356,19 @@ fn main() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("node");
+    // Kill the node however this run ends (a failed assertion included).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let node = KillOnDrop(node);
+    let node_pid = node.0.id();
     let info = loop {
         if let Ok(i) = NodeInfo::read(&node_dir)
-            && i.pid == node.id()
+            && i.pid == node_pid
         {
             break i;
         }
@@ -394,7 +404,7 @@ fn main() {
             .expect("load")
             .body;
     });
-    let rss_loaded = rss_mib(node.id());
+    let rss_loaded = rss_mib(node_pid);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgecoder"))
         .args(["apikey", "create", "--name", "bench", "--data-dir"])
         .arg(&node_dir)
@@ -462,7 +472,7 @@ fn main() {
         s_runs.extend(service(&client));
         i_runs.extend(ide());
     }
-    let rss_after = rss_mib(node.id());
+    let rss_after = rss_mib(node_pid);
     let tps = |r: &[Run]| median(r.iter().map(|r| r.1).collect());
     let ttft = |r: &[Run]| median(r.iter().map(|r| r.0.as_secs_f64() * 1000.0).collect());
     let (d_tps, s_tps, i_tps) = (tps(&d_runs), tps(&s_runs), tps(&i_runs));
@@ -555,6 +565,5 @@ fn main() {
         "  every client had its first token before any client finished: {}",
         last_first < first_end
     );
-    let _ = node.kill();
-    let _ = node.wait();
+    drop(node);
 }
