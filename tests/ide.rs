@@ -458,3 +458,43 @@ async fn the_official_openai_python_package_works() {
     );
     assert!(stdout.contains("all openai SDK checks passed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_javascript_package_works() {
+    let dir = std::env::var("OPENAI_JS_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/js-sdk").to_string());
+    let node_ok = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        node_ok
+            && std::path::Path::new(&dir)
+                .join("node_modules/openai")
+                .is_dir(),
+        "this test needs Node.js and the openai package in {dir}: \
+         `npm install --prefix {dir} openai@6` (.ci/setup installs both)"
+    );
+    let n = ide_node(&[]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.mjs");
+    let (base, key) = (n.base.clone(), n.key.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .env("EC_BASE_URL", base)
+            .env("EC_API_KEY", key)
+            .env("EC_MODEL", "tiny")
+            .env("OPENAI_JS_DIR", dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai JS SDK checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all openai JS SDK checks passed"));
+}
