@@ -33,6 +33,7 @@ pub mod http;
 pub mod ide;
 pub mod identity;
 pub mod inference;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod security;

@@ -1,0 +1,11 @@
+//! The mesh: nodes find each other, watch each other and share work.
+//!
+//! * [`wire`]: identities, signed records, messages and the signed envelope.
+//! * [`records`]: capability and blacklist records every node keeps.
+//! * [`core`]: the sans-IO state machine (SWIM membership through foca, gossip, anti-entropy).
+//! * [`sim`]: many cores over a simulated network, for tests and benchmarks.
+
+pub mod core;
+pub mod records;
+pub mod sim;
+pub mod wire;
