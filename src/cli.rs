@@ -106,6 +106,9 @@ pub enum Command {
     Apikey(ApiKeyCmd),
     /// Summarise a running node.
     Status(ConnectArgs),
+    /// See the mesh: peers and what they advertise.
+    #[command(subcommand)]
+    Mesh(MeshCmd),
     /// Create a key file and print its key id (for coordinator.agent_keys / client_keys).
     Keygen {
         /// Where to write the key (mode 0600); an existing file is only read.
@@ -117,6 +120,17 @@ pub enum Command {
     /// Measure a real node: boot time, idle memory, task throughput (see docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+/// `edgecoder mesh ...`.
+#[derive(Debug, Subcommand)]
+pub enum MeshCmd {
+    /// Every member this node knows: state, URL, last seen, models.
+    Peers(ConnectArgs),
+    /// What every node advertises: models, resource class, free slots, load.
+    Capabilities(ConnectArgs),
+    /// Envelopes accepted and refused (by reason), sent and failed.
+    Stats(ConnectArgs),
 }
 
 /// `edgecoder bench ...`.
@@ -972,6 +986,105 @@ pub async fn status(conn: ConnectArgs) -> anyhow::Result<u8> {
         w["pid"],
         w["restarts"]
     );
+    Ok(0)
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(
+    conn: &ConnectArgs,
+    path: &str,
+) -> anyhow::Result<T> {
+    // The mesh views are unsigned, like /status: no key needed.
+    let (base, _) = resolve(conn)?;
+    let url = reqwest::Url::parse(&base)?.join(path)?;
+    let resp = crate::http::client_builder()
+        .build()?
+        .get(url.clone())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        anyhow::bail!("{url}: {status}: {text}");
+    }
+    Ok(resp.json().await?)
+}
+
+fn ago(now: u64, ms: u64) -> String {
+    if ms == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}s ago", now.saturating_sub(ms) as f64 / 1000.0)
+    }
+}
+
+/// `edgecoder mesh ...`.
+///
+/// # Errors
+/// Connection errors, or a node without a mesh.
+pub async fn mesh(cmd: MeshCmd) -> anyhow::Result<u8> {
+    use crate::mesh::service::{CapsView, MeshStats, PeersView};
+    let now = crate::clock::now_ms();
+    match cmd {
+        MeshCmd::Peers(conn) => {
+            let v: PeersView = get_json(&conn, "/mesh/peers").await?;
+            if conn.json {
+                print_json(&v)?;
+                return Ok(0);
+            }
+            println!("this node {} at {}", v.node_id, v.url);
+            if v.peers.is_empty() {
+                println!("no peers (set mesh.bootstrap_urls or COORDINATOR_BOOTSTRAP_URLS)");
+            } else {
+                println!(
+                    "{:<28} {:<8} {:<28} {:<12} models",
+                    "NODE", "STATE", "URL", "LAST SEEN"
+                );
+            }
+            for p in &v.peers {
+                let models = p
+                    .capabilities
+                    .as_ref()
+                    .map(|c| c.models.join(","))
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "{:<28} {:<8} {:<28} {:<12} {}",
+                    p.node_id,
+                    format!("{:?}", p.state).to_lowercase(),
+                    p.url,
+                    ago(now, p.last_seen_ms),
+                    models
+                );
+            }
+        }
+        MeshCmd::Capabilities(conn) => {
+            let v: Vec<CapsView> = get_json(&conn, "/mesh/capabilities").await?;
+            if conn.json {
+                print_json(&v)?;
+                return Ok(0);
+            }
+            println!(
+                "{:<28} {:<28} {:<7} {:<10} {:<5} models",
+                "NODE", "URL", "CLASS", "FREE/SLOTS", "LOAD"
+            );
+            for c in &v {
+                println!(
+                    "{:<28} {:<28} {:<7} {:<10} {:<5} {}",
+                    c.node_id,
+                    c.url,
+                    format!("{:?}", c.resource_class).to_lowercase(),
+                    format!("{}/{}", c.free_slots, c.slots),
+                    format!("{}%", c.load_pct),
+                    c.models.join(",")
+                );
+            }
+        }
+        MeshCmd::Stats(conn) => {
+            let v: MeshStats = get_json(&conn, "/mesh/stats").await?;
+            print_json(&v)?;
+        }
+    }
     Ok(0)
 }
 

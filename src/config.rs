@@ -75,6 +75,39 @@ pub struct Config {
     pub store: StoreConfig,
     /// HTTP server limits shared by every port.
     pub http: HttpConfig,
+    /// The mesh: membership, capability gossip, task placement on peers.
+    pub mesh: MeshConfig,
+}
+
+/// Mesh settings (DESIGN.md §6).
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Join the mesh at all (false: a standalone node that answers no mesh traffic).
+    pub enabled: bool,
+    /// Coordinator URLs of peers to join through (`COORDINATOR_BOOTSTRAP_URLS`, comma-separated,
+    /// sets it too). Empty: this node waits for others to join it.
+    pub bootstrap_urls: Vec<String>,
+    /// The coordinator URL peers reach this node at. Empty: `http://<bound address>:<port>`,
+    /// with the address of the default route when bound to the wildcard address.
+    pub advertise_url: String,
+    /// Keys allowed to take part; empty allows any key that signs correctly (blacklists still apply).
+    pub peer_keys: Vec<KeyId>,
+    /// Reporters whose blacklist records this node enforces (its own always are).
+    pub trusted_reporters: Vec<KeyId>,
+    /// Largest envelope accepted on `/mesh/ingest` (413 beyond it).
+    pub max_envelope: u64,
+    /// Envelopes per second one peer may send (and twice that as a burst) before 429.
+    pub per_peer_rate: u32,
+    /// How far an envelope's timestamp may be from our clock.
+    pub window: Duration,
+    /// SWIM probe period.
+    pub probe_period: Duration,
+    /// How long a suspect peer has to refute before it is declared dead.
+    pub suspect_timeout: Duration,
+    /// Record anti-entropy period.
+    pub sync_interval: Duration,
+    /// Capabilities are republished this often even when nothing changed.
+    pub caps_interval: Duration,
 }
 
 /// Coordinator settings: task queue, leases, agents.
@@ -319,6 +352,20 @@ impl Default for Config {
                 request_timeout: Duration::from_secs(30),
                 drain_timeout: Duration::from_secs(10),
             },
+            mesh: MeshConfig {
+                enabled: true,
+                bootstrap_urls: Vec::new(),
+                advertise_url: String::new(),
+                peer_keys: Vec::new(),
+                trusted_reporters: Vec::new(),
+                max_envelope: 64 * 1024,
+                per_peer_rate: 200,
+                window: Duration::from_secs(30),
+                probe_period: Duration::from_secs(1),
+                suspect_timeout: Duration::from_secs(5),
+                sync_interval: Duration::from_secs(10),
+                caps_interval: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -399,6 +446,20 @@ impl Config {
             Err(e) => problems.push(format!("{}: {e}", path.display())),
         }
 
+        // The original EdgeCoder's variable, kept: a comma-separated list of peer URLs.
+        if let Some((_, v)) = env.iter().find(|(k, _)| k == "COORDINATOR_BOOTSTRAP_URLS") {
+            let urls: Vec<toml::Value> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(|u| toml::Value::String(u.to_string()))
+                .collect();
+            set_path(
+                &mut table,
+                &["mesh".into(), "bootstrap_urls".into()],
+                toml::Value::Array(urls),
+            );
+        }
         for (k, v) in env {
             let Some(rest) = k.strip_prefix("EDGECODER_") else {
                 continue;
@@ -582,6 +643,41 @@ impl Config {
             p.push(format!(
                 "inference.ollama_url: {u:?} must start with http:// or https://"
             ));
+        }
+        let m = &self.mesh;
+        for u in m
+            .bootstrap_urls
+            .iter()
+            .chain(Some(&m.advertise_url).filter(|u| !u.is_empty()))
+        {
+            if !crate::mesh::wire::valid_url(u) {
+                p.push(format!(
+                    "mesh: {u:?} is not an http(s) URL of at most {} bytes",
+                    crate::mesh::wire::MAX_URL
+                ));
+            }
+        }
+        if !(4096..=(16 << 20)).contains(&m.max_envelope) {
+            p.push("mesh.max_envelope: must be between 4KiB and 16MiB".into());
+        }
+        if m.per_peer_rate == 0 {
+            p.push("mesh.per_peer_rate: must be at least 1".into());
+        }
+        if m.window < Duration::from_secs(1) || m.window > Duration::from_secs(300) {
+            p.push("mesh.window: must be between 1s and 5m".into());
+        }
+        if m.probe_period < Duration::from_millis(100) {
+            p.push("mesh.probe_period: must be at least 100ms".into());
+        }
+        if m.suspect_timeout < m.probe_period {
+            p.push("mesh.suspect_timeout: must be at least mesh.probe_period".into());
+        }
+        if m.sync_interval < Duration::from_millis(500) || m.caps_interval < Duration::from_secs(1)
+        {
+            p.push(
+                "mesh.sync_interval must be at least 500ms and mesh.caps_interval at least 1s"
+                    .into(),
+            );
         }
         if self.store.map_size < (1 << 20) {
             p.push("store.map_size: must be at least 1MiB".into());
@@ -808,6 +904,23 @@ impl<'p> Reader<'p> {
         self.duration(&mut t, s, "request_timeout", &mut c.http.request_timeout);
         self.duration(&mut t, s, "drain_timeout", &mut c.http.drain_timeout);
         self.finish(t, "http");
+
+        let mut t = self.section(&mut root, "mesh");
+        let s = "mesh.";
+        let m = &mut c.mesh;
+        self.get(&mut t, s, "enabled", &mut m.enabled);
+        self.get(&mut t, s, "bootstrap_urls", &mut m.bootstrap_urls);
+        self.get(&mut t, s, "advertise_url", &mut m.advertise_url);
+        self.keys(&mut t, s, "peer_keys", &mut m.peer_keys);
+        self.keys(&mut t, s, "trusted_reporters", &mut m.trusted_reporters);
+        self.bytes(&mut t, s, "max_envelope", &mut m.max_envelope);
+        self.get(&mut t, s, "per_peer_rate", &mut m.per_peer_rate);
+        self.duration(&mut t, s, "window", &mut m.window);
+        self.duration(&mut t, s, "probe_period", &mut m.probe_period);
+        self.duration(&mut t, s, "suspect_timeout", &mut m.suspect_timeout);
+        self.duration(&mut t, s, "sync_interval", &mut m.sync_interval);
+        self.duration(&mut t, s, "caps_interval", &mut m.caps_interval);
+        self.finish(t, "mesh");
 
         self.finish(root, "");
         c

@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             Command::Model(m) => edgecoder::cli::model(m).await,
             Command::Apikey(a) => edgecoder::cli::apikey(a).await,
             Command::Status(c) => edgecoder::cli::status(c).await,
+            Command::Mesh(m) => edgecoder::cli::mesh(m).await,
             Command::Keygen { out } => {
                 let (id, created) = edgecoder::identity::Identity::load_or_create(&out)?;
                 println!("{}", id.key_id());

@@ -203,6 +203,8 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         cfg.security.nonce_cache_max,
         crate::clock::now_ms() / 1000,
     )?);
+    let mesh_slot = crate::mesh::service::MeshSlot::default();
+    let identity = Arc::new(identity);
     let mut coordinator = crate::coordinator::spawn(
         &cfg,
         store.clone(),
@@ -212,6 +214,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         process.clone(),
         limits.clone(),
         nonces.clone(),
+        mesh_slot.clone(),
         services.clone(),
     )?;
     let mut coordinator_loops = std::mem::take(&mut coordinator.loops);
@@ -296,6 +299,23 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         path: info_path.clone(),
         source,
     })?;
+
+    let mesh = if cfg.mesh.enabled {
+        let url = crate::mesh::service::advertise_url(&cfg.mesh, info.coordinator);
+        let m = crate::mesh::service::Mesh::start(
+            &cfg.mesh,
+            identity.clone(),
+            url,
+            coordinator.state.clone(),
+            tracker.clone(),
+            services.clone(),
+        )
+        .map_err(|e| NodeError::Bind(std::io::Error::other(e)))?;
+        let _ = mesh_slot.set(m.clone());
+        Some(m)
+    } else {
+        None
+    };
 
     // A service that stops while nobody asked it to is fatal.
     let (died_tx, mut died_rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(8);
@@ -440,6 +460,9 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
 
     notifier.notify("STOPPING=1");
     health.set_stopping();
+    if let Some(m) = &mesh {
+        m.leave().await;
+    }
     services.cancel();
     serve.cancel();
     let drain = async {

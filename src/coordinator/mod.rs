@@ -111,6 +111,7 @@ pub fn spawn(
     process: Arc<ProcessMetrics>,
     limits: Arc<RateLimits>,
     nonces: Arc<NonceCache>,
+    mesh: crate::mesh::service::MeshSlot,
     token: CancellationToken,
 ) -> Result<Coordinator, StoreError> {
     let state = CoordinatorState::load(
@@ -155,7 +156,9 @@ pub fn spawn(
             ed25519: identity.key_id().to_string(),
             x25519: URL_SAFE_NO_PAD.encode(identity.x25519_public().as_bytes()),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            mesh: None,
         }),
+        mesh: mesh.clone(),
     };
 
     let signed = Router::new()
@@ -198,6 +201,7 @@ pub fn spawn(
     let router = signed
         .merge(open)
         .with_state(ctx)
+        .merge(crate::mesh::service::router(mesh))
         .fallback(crate::http::not_found_fallback)
         .method_not_allowed_fallback(crate::http::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(

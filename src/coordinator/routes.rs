@@ -28,6 +28,8 @@ pub struct Ctx {
     pub health: Arc<NodeHealth>,
     /// This node's public identity.
     pub identity: Arc<IdentityView>,
+    /// The mesh, once started.
+    pub mesh: crate::mesh::service::MeshSlot,
 }
 
 /// `GET /identity`.
@@ -41,6 +43,9 @@ pub struct IdentityView {
     pub x25519: String,
     /// Software version.
     pub version: String,
+    /// How to join the mesh through this node (absent when it takes no part in one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::service::MeshIdentity>,
 }
 
 fn parse_id(s: &str) -> Result<TaskId, ApiError> {
@@ -388,5 +393,7 @@ pub async fn status(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
 
 /// `GET /identity`.
 pub async fn identity(State(ctx): State<Ctx>) -> Json<IdentityView> {
-    Json((*ctx.identity).clone())
+    let mut v = (*ctx.identity).clone();
+    v.mesh = ctx.mesh.get().map(crate::mesh::service::Mesh::identity);
+    Json(v)
 }

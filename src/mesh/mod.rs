@@ -4,8 +4,10 @@
 //! * [`records`]: capability and blacklist records every node keeps.
 //! * [`core`]: the sans-IO state machine (SWIM membership through foca, gossip, anti-entropy).
 //! * [`sim`]: many cores over a simulated network, for tests and benchmarks.
+//! * [`service`]: one core inside a running node, over HTTP (`/mesh/*` on the coordinator port).
 
 pub mod core;
 pub mod records;
+pub mod service;
 pub mod sim;
 pub mod wire;

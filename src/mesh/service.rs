@@ -1,0 +1,841 @@
+//! The mesh inside a running node: drives one [`Core`] from tokio over HTTP.
+//!
+//! # Transport
+//! Every message is an envelope (`wire::seal`) POSTed to the peer's `/mesh/ingest`; the answer
+//! carries nothing (SWIM replies are their own envelopes), so sending is fire-and-forget, like
+//! the UDP that SWIM was designed for, with a bound on sends in flight. Ingress checks run
+//! cheapest first: size cap, per-IP limit (the router's), per-sender limit (sender read without
+//! decoding), decode, signature, time window, nonce, blacklist and allowlist.
+//!
+//! # Loops
+//! A tick loop (anti-entropy, join retries), one task per armed SWIM timer, a bootstrap loop per
+//! configured URL (GET `/identity` until it answers, with backoff), and a capability loop that
+//! republishes what this node's agents can run when it changes (checked every 2 s) and every
+//! `mesh.caps_interval`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::core::{Core, Event, PeerState, Tuning};
+use super::wire::{self, CapRecord, PeerId, Record, WireError};
+use crate::config::MeshConfig;
+use crate::coordinator::model::{ResourceClass, TaskKind};
+use crate::coordinator::state::CoordinatorState;
+use crate::http::ApiError;
+use crate::identity::{Identity, KeyId};
+use crate::security::ratelimit::RateLimits;
+
+/// Envelopes in flight to peers at once; beyond it new sends are dropped (and counted), as a
+/// full UDP socket buffer would drop them. SWIM tolerates loss by design.
+const MAX_INFLIGHT: usize = 256;
+
+/// Time limit of one envelope POST.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often capabilities are recomputed and published if they changed.
+const CAPS_CHECK: Duration = Duration::from_secs(2);
+
+/// Most (sender, nonce) pairs remembered for replay checks.
+const MAX_NONCES: usize = 500_000;
+
+/// What `/identity` adds for the mesh: enough to join through this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshIdentity {
+    /// The URL peers reach this coordinator at.
+    pub url: String,
+    /// This process's incarnation (ms since the epoch at boot; a newer one wins).
+    pub generation: u64,
+    /// base64url of the signed membership identity (postcard), for `join`.
+    pub peer: String,
+}
+
+/// Ingress and egress counters (`GET /mesh/stats`).
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    too_large: AtomicU64,
+    rate_limited: AtomicU64,
+    malformed: AtomicU64,
+    bad_signature: AtomicU64,
+    stale: AtomicU64,
+    replayed: AtomicU64,
+    blacklisted: AtomicU64,
+    not_allowed: AtomicU64,
+    sent: AtomicU64,
+    send_failed: AtomicU64,
+    send_dropped: AtomicU64,
+}
+
+/// `GET /mesh/stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct MeshStats {
+    /// Envelopes accepted.
+    pub accepted: u64,
+    /// Refused: over `mesh.max_envelope`.
+    pub too_large: u64,
+    /// Refused: sender over `mesh.per_peer_rate`.
+    pub rate_limited: u64,
+    /// Refused: not decodable.
+    pub malformed: u64,
+    /// Refused: signature does not verify (forged or tampered).
+    pub bad_signature: u64,
+    /// Refused: outside the time window (or sent before this process started).
+    pub stale: u64,
+    /// Refused: (sender, nonce) seen before.
+    pub replayed: u64,
+    /// Refused: sender blacklisted.
+    pub blacklisted: u64,
+    /// Refused: sender not in `mesh.peer_keys`.
+    pub not_allowed: u64,
+    /// Envelopes sent.
+    pub sent: u64,
+    /// Sends that failed (peer unreachable, error status).
+    pub send_failed: u64,
+    /// Sends dropped because too many were in flight.
+    pub send_dropped: u64,
+    /// SWIM packets refused by the membership layer.
+    pub swim_rejected: u64,
+    /// Gossiped records refused (bad signature, malformed).
+    pub records_rejected: u64,
+    /// Records learned.
+    pub records_learned: u64,
+    /// Anti-entropy rounds started.
+    pub syncs: u64,
+}
+
+/// One peer in `GET /mesh/peers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerInfo {
+    /// Node id.
+    pub node_id: String,
+    /// Node key (base64url).
+    pub key: String,
+    /// Coordinator URL.
+    pub url: String,
+    /// Alive, suspect or dead.
+    pub state: PeerState,
+    /// Its process incarnation.
+    pub generation: u64,
+    /// Last envelope received from it (ms since the epoch; 0: none directly).
+    pub last_seen_ms: u64,
+    /// What it advertises, when known.
+    pub capabilities: Option<CapsView>,
+}
+
+/// `GET /mesh/peers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeersView {
+    /// This node.
+    pub node_id: String,
+    /// This node's advertised URL.
+    pub url: String,
+    /// This node's incarnation.
+    pub generation: u64,
+    /// Every member known, dead ones included until forgotten.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Capabilities as the API shows them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CapsView {
+    /// Node id.
+    pub node_id: String,
+    /// Coordinator URL.
+    pub url: String,
+    /// Version (newer replaces older).
+    pub seq: u64,
+    /// When the node published it (ms since the epoch).
+    pub issued_ms: u64,
+    /// Task kinds its agents run.
+    pub kinds: Vec<TaskKind>,
+    /// Models it serves.
+    pub models: Vec<String>,
+    /// Its resource class.
+    pub resource_class: ResourceClass,
+    /// Task slots of its live agents.
+    pub slots: u32,
+    /// Slots not leased.
+    pub free_slots: u32,
+    /// Leased share of its slots, percent.
+    pub load_pct: u16,
+    /// Credits per task it asks (0: free).
+    pub price: u32,
+}
+
+impl CapsView {
+    fn of(c: &CapRecord) -> Self {
+        CapsView {
+            node_id: node_id(&c.node),
+            url: c.url.clone(),
+            seq: c.seq,
+            issued_ms: c.issued_ms,
+            kinds: c.kinds.clone(),
+            models: c.models.clone(),
+            resource_class: c.resource_class,
+            slots: c.slots,
+            free_slots: c.free_slots,
+            load_pct: c.load_pct,
+            price: c.price,
+        }
+    }
+}
+
+fn node_id(k: &KeyId) -> String {
+    k.node_id().map(|n| n.to_string()).unwrap_or_default()
+}
+
+/// Remembers (sender, nonce) pairs for one window.
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<(KeyId, [u8; 16]), u64>,
+    order: VecDeque<(u64, KeyId, [u8; 16])>,
+}
+
+impl Nonces {
+    /// False when the pair was seen (a replay). `expires` is when it may be forgotten.
+    fn insert(&mut self, key: KeyId, nonce: [u8; 16], now: u64, expires: u64) -> bool {
+        while let Some(&(t, k, n)) = self.order.front() {
+            if t > now && self.order.len() < MAX_NONCES {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&(k, n));
+        }
+        if self.seen.contains_key(&(key, nonce)) {
+            return false;
+        }
+        self.seen.insert((key, nonce), expires);
+        self.order.push_back((expires, key, nonce));
+        true
+    }
+}
+
+struct Inner {
+    identity: Arc<Identity>,
+    cfg: MeshConfig,
+    url: String,
+    boot_ms: u64,
+    core: Mutex<Core>,
+    client: reqwest::Client,
+    limits: RateLimits,
+    nonces: Mutex<Nonces>,
+    counters: Counters,
+    inflight: Arc<Semaphore>,
+    state: CoordinatorState,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+/// The running mesh of one node.
+#[derive(Clone)]
+pub struct Mesh(Arc<Inner>);
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("url", &self.0.url).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Mesh {
+    /// Starts the mesh: this node at `url`, its loops on `tracker` until `token` is cancelled.
+    ///
+    /// # Errors
+    /// The HTTP client could not be built.
+    pub fn start(
+        cfg: &MeshConfig,
+        identity: Arc<Identity>,
+        url: String,
+        state: CoordinatorState,
+        tracker: TaskTracker,
+        token: CancellationToken,
+    ) -> Result<Mesh, reqwest::Error> {
+        let now = crate::clock::now_ms();
+        let mut tuning = Tuning::for_cluster(16);
+        tuning.probe_period = cfg.probe_period;
+        tuning.probe_rtt = (cfg.probe_period * 2 / 5).max(Duration::from_millis(50));
+        tuning.suspect_timeout = cfg.suspect_timeout;
+        tuning.sync_interval = cfg.sync_interval;
+        let core = Core::new(
+            identity.clone(),
+            &url,
+            tuning,
+            cfg.trusted_reporters.iter().copied(),
+            now,
+            u64::from_le_bytes(crate::clock::random_bytes::<8>()),
+        );
+        let client = crate::http::client_builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        let rate = cfg.per_peer_rate;
+        let mesh = Mesh(Arc::new(Inner {
+            identity,
+            url,
+            boot_ms: now,
+            core: Mutex::new(core),
+            client,
+            limits: RateLimits::new(u32::MAX, u32::MAX, rate, rate.saturating_mul(2)),
+            nonces: Mutex::new(Nonces::default()),
+            counters: Counters::default(),
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+            state,
+            tracker: tracker.clone(),
+            token: token.clone(),
+            cfg: cfg.clone(),
+        }));
+        for u in &cfg.bootstrap_urls {
+            let m = mesh.clone();
+            let u = u.clone();
+            tracker.spawn(async move { m.bootstrap(u).await });
+        }
+        let m = mesh.clone();
+        tracker.spawn(async move { m.tick_loop().await });
+        let m = mesh.clone();
+        tracker.spawn(async move { m.caps_loop().await });
+        tracing::info!(url = %mesh.0.url, bootstrap = ?cfg.bootstrap_urls, "mesh started");
+        Ok(mesh)
+    }
+
+    /// What `/identity` adds.
+    pub fn identity(&self) -> MeshIdentity {
+        let me = lock(&self.0.core).me().clone();
+        MeshIdentity {
+            url: me.url.clone(),
+            generation: me.generation,
+            peer: URL_SAFE_NO_PAD.encode(postcard::to_allocvec(&me).unwrap_or_default()),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MeshStats {
+        let c = &self.0.counters;
+        let core = lock(&self.0.core).stats();
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MeshStats {
+            accepted: g(&c.accepted),
+            too_large: g(&c.too_large),
+            rate_limited: g(&c.rate_limited),
+            malformed: g(&c.malformed),
+            bad_signature: g(&c.bad_signature),
+            stale: g(&c.stale),
+            replayed: g(&c.replayed),
+            blacklisted: g(&c.blacklisted) + core.blacklisted_dropped,
+            not_allowed: g(&c.not_allowed),
+            sent: g(&c.sent),
+            send_failed: g(&c.send_failed),
+            send_dropped: g(&c.send_dropped),
+            swim_rejected: core.swim_rejected,
+            records_rejected: core.records_rejected,
+            records_learned: core.records_learned,
+            syncs: core.syncs,
+        }
+    }
+
+    /// Every member with its state and capabilities.
+    pub fn peers(&self) -> PeersView {
+        let core = lock(&self.0.core);
+        let me = core.me().clone();
+        let mut peers: Vec<PeerInfo> = core
+            .peers()
+            .into_iter()
+            .map(|p| PeerInfo {
+                node_id: node_id(&p.id.key),
+                key: p.id.key.to_string(),
+                url: p.id.url.clone(),
+                state: p.state,
+                generation: p.id.generation,
+                last_seen_ms: p.last_seen_ms,
+                capabilities: core.with_records(|r| r.caps_of(&p.id.key).map(CapsView::of)),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.url.cmp(&b.url));
+        PeersView {
+            node_id: node_id(&me.key),
+            url: me.url,
+            generation: me.generation,
+            peers,
+        }
+    }
+
+    /// Every capability record held (this node's included).
+    pub fn capabilities(&self) -> Vec<CapsView> {
+        let core = lock(&self.0.core);
+        let mut v: Vec<CapsView> = core.with_records(|r| r.caps().map(CapsView::of).collect());
+        v.sort_by(|a, b| a.url.cmp(&b.url));
+        v
+    }
+
+    /// Leaves the cluster: tells a few members this node is going, and waits briefly for
+    /// those envelopes to go out.
+    pub async fn leave(&self) {
+        let out = {
+            let mut core = lock(&self.0.core);
+            core.leave();
+            core.drain()
+        };
+        let mut sends = Vec::new();
+        for (to, msg) in out.send {
+            let env = wire::seal(&self.0.identity, msg, crate::clock::now_ms());
+            sends.push(self.post(to.url.clone(), env));
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            futures_util::future::join_all(sends),
+        )
+        .await;
+    }
+
+    /// Runs `f` on the core, then acts on what it produced.
+    fn with_core(&self, f: impl FnOnce(&mut Core)) {
+        let out = {
+            let mut core = lock(&self.0.core);
+            f(&mut core);
+            core.drain()
+        };
+        self.act(out);
+    }
+
+    fn timer_fired(&self, timer: foca::Timer<PeerId>) {
+        self.with_core(|c| c.handle_timer(timer));
+    }
+
+    /// Sends what the core asked to send, arms its timers, reports its events.
+    fn act(&self, out: super::core::Outputs) {
+        for (to, msg) in out.send {
+            self.send(to, msg);
+        }
+        for (timer, after) in out.timers {
+            let m = self.clone();
+            let token = self.0.token.clone();
+            self.0.tracker.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(after) => m.timer_fired(timer),
+                    _ = token.cancelled() => {}
+                }
+            });
+        }
+        for e in out.events {
+            match e {
+                Event::PeerUp(p) => {
+                    tracing::info!(peer = %node_id(&p.key), url = %p.url, generation = p.generation, "mesh.peer up");
+                }
+                Event::PeerDown(p) => {
+                    tracing::warn!(peer = %node_id(&p.key), url = %p.url, "mesh.peer down");
+                }
+                Event::Rejoined => {
+                    tracing::warn!("mesh declared this node dead; rejoined under a new generation");
+                }
+                Event::Record(Record::Blacklist(b)) => {
+                    tracing::warn!(target = %node_id(&b.target), reporter = %node_id(&b.reporter), reason = ?b.reason, "mesh.blacklist record");
+                }
+                Event::Record(Record::Caps(_)) | Event::Offer { .. } => {}
+            }
+        }
+    }
+
+    fn send(&self, to: PeerId, msg: wire::Message) {
+        let Ok(permit) = self.0.inflight.clone().try_acquire_owned() else {
+            self.0.counters.send_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let env = wire::seal(&self.0.identity, msg, crate::clock::now_ms());
+        let m = self.clone();
+        self.0.tracker.spawn(async move {
+            m.post(to.url, env).await;
+            drop(permit);
+        });
+    }
+
+    async fn post(&self, base: String, env: Vec<u8>) {
+        let c = &self.0.counters;
+        let r = self
+            .0
+            .client
+            .post(format!("{}/mesh/ingest", base.trim_end_matches('/')))
+            .header("content-type", "application/octet-stream")
+            .timeout(SEND_TIMEOUT)
+            .body(env)
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {
+                c.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(resp) => {
+                c.send_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %base, status = %resp.status(), "mesh.send refused");
+            }
+            Err(e) => {
+                c.send_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %base, error = %e, "mesh.send failed");
+            }
+        }
+    }
+
+    async fn tick_loop(self) {
+        let mut t = tokio::time::interval(Duration::from_secs(1));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = t.tick() => {}
+                _ = self.0.token.cancelled() => return,
+            }
+            let now = crate::clock::now_ms();
+            self.with_core(|c| c.tick(now));
+        }
+    }
+
+    /// Joins through one bootstrap URL: fetches its identity until it answers.
+    async fn bootstrap(self, base: String) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.fetch_peer(&base).await {
+                Ok(peer) if peer.key == self.0.identity.key_id() => {
+                    tracing::debug!(url = %base, "mesh.bootstrap skips this node's own URL");
+                    return;
+                }
+                Ok(peer) => {
+                    tracing::info!(url = %base, peer = %node_id(&peer.key), "mesh.bootstrap joining");
+                    self.with_core(|c| c.join(peer));
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(url = %base, error = %e, retry_in = ?delay, "mesh.bootstrap peer not reachable yet");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.0.token.cancelled() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn fetch_peer(&self, base: &str) -> anyhow::Result<PeerId> {
+        #[derive(Deserialize)]
+        struct Ident {
+            mesh: Option<MeshIdentity>,
+        }
+        let v: Ident = self
+            .0
+            .client
+            .get(format!("{}/identity", base.trim_end_matches('/')))
+            .timeout(SEND_TIMEOUT)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let m = v
+            .mesh
+            .ok_or_else(|| anyhow::anyhow!("the node at {base} does not take part in a mesh"))?;
+        let bytes = URL_SAFE_NO_PAD.decode(m.peer)?;
+        // Decoding verifies the peer's signature over its identity.
+        Ok(postcard::from_bytes::<PeerId>(&bytes)?)
+    }
+
+    /// What this node can run now, from its live agents.
+    fn current_caps(&self) -> CapRecord {
+        let mut caps = CapRecord {
+            node: self.0.identity.key_id(),
+            seq: 0,
+            issued_ms: 0,
+            url: self.0.url.clone(),
+            x25519: self.0.identity.x25519_public().to_bytes(),
+            kinds: Vec::new(),
+            models: Vec::new(),
+            resource_class: ResourceClass::Tiny,
+            slots: 0,
+            free_slots: 0,
+            load_pct: 0,
+            price: 0,
+        };
+        let mut leased = 0u32;
+        for a in self.0.state.agents().into_iter().filter(|a| a.live) {
+            for k in &a.capabilities.kinds {
+                if !caps.kinds.contains(k) {
+                    caps.kinds.push(*k);
+                }
+            }
+            for m in &a.capabilities.models {
+                if !caps.models.contains(m) && caps.models.len() < wire::MAX_MODELS {
+                    caps.models.push(m.clone());
+                }
+            }
+            caps.resource_class = caps.resource_class.max(a.capabilities.resource_class);
+            caps.slots = caps.slots.saturating_add(a.capabilities.slots);
+            leased = leased.saturating_add(a.leases);
+        }
+        caps.kinds.sort_by_key(|k| format!("{k:?}"));
+        caps.models.sort();
+        caps.free_slots = caps.slots.saturating_sub(leased);
+        caps.load_pct = if caps.slots == 0 {
+            0
+        } else {
+            (u64::from(leased.min(caps.slots)) * 100 / u64::from(caps.slots)) as u16
+        };
+        caps
+    }
+
+    async fn caps_loop(self) {
+        let mut last: Option<CapRecord> = None;
+        let mut last_at = 0u64;
+        let every = self.0.cfg.caps_interval.as_millis() as u64;
+        let mut t = tokio::time::interval(CAPS_CHECK);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = t.tick() => {}
+                _ = self.0.token.cancelled() => return,
+            }
+            let caps = self.current_caps();
+            let now = crate::clock::now_ms();
+            if last.as_ref() != Some(&caps) || now.saturating_sub(last_at) >= every {
+                last = Some(caps.clone());
+                last_at = now;
+                self.with_core(|c| c.publish_caps(caps, now));
+            }
+        }
+    }
+
+    /// Checks and delivers one envelope; the error is what the sender is told.
+    fn ingest(&self, env: &[u8]) -> Result<(), ApiError> {
+        let c = &self.0.counters;
+        let cfg = &self.0.cfg;
+        let max = usize::try_from(cfg.max_envelope).unwrap_or(usize::MAX);
+        if env.len() > max {
+            c.too_large.fetch_add(1, Ordering::Relaxed);
+            return Err(too_large(env.len(), max));
+        }
+        let Some(sender) = wire::peek_sender(env) else {
+            c.malformed.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::bad_request("envelope too short"));
+        };
+        if let Err(wait) = self.0.limits.check_key(&sender) {
+            c.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "this sender is over mesh.per_peer_rate",
+            )
+            .retry_after(wait));
+        }
+        let now = crate::clock::now_ms();
+        let window = cfg.window.as_millis() as u64;
+        let body = match wire::open(env, max, now, window) {
+            Ok(b) => b,
+            Err(e) => return Err(self.refused(e)),
+        };
+        if body.sent_ms < self.0.boot_ms {
+            c.stale.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "stale",
+                "envelope sent before this node started",
+            ));
+        }
+        if !lock(&self.0.nonces).insert(body.sender, body.nonce, now, body.sent_ms + window) {
+            c.replayed.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "replayed",
+                "this envelope was delivered before",
+            ));
+        }
+        if !cfg.peer_keys.is_empty() && !cfg.peer_keys.contains(&body.sender) {
+            c.not_allowed.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_allowed",
+                "sender is not in mesh.peer_keys",
+            ));
+        }
+        if lock(&self.0.core).with_records(|r| r.is_listed(&body.sender)) {
+            c.blacklisted.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "blacklisted",
+                "sender is blacklisted",
+            ));
+        }
+        c.accepted.fetch_add(1, Ordering::Relaxed);
+        self.with_core(|core| core.handle_message(body.sender, body.msg, now));
+        Ok(())
+    }
+
+    fn refused(&self, e: WireError) -> ApiError {
+        let c = &self.0.counters;
+        match e {
+            WireError::TooLarge(n) => {
+                c.too_large.fetch_add(1, Ordering::Relaxed);
+                too_large(n, self.0.cfg.max_envelope as usize)
+            }
+            WireError::BadSignature => {
+                c.bad_signature.fetch_add(1, Ordering::Relaxed);
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "bad_signature",
+                    "envelope signature does not verify",
+                )
+            }
+            WireError::Stale { skew_ms } => {
+                c.stale.fetch_add(1, Ordering::Relaxed);
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "stale",
+                    format!("envelope sent {skew_ms} ms away from this node's clock"),
+                )
+            }
+            other => {
+                c.malformed.fetch_add(1, Ordering::Relaxed);
+                ApiError::bad_request(format!("envelope {other}"))
+            }
+        }
+    }
+}
+
+fn too_large(n: usize, max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("envelope of {n} bytes is over mesh.max_envelope ({max})"),
+    )
+}
+
+/// `/mesh/*` routes (unsigned HTTP: envelopes carry their own signatures; the views are public,
+/// like `/identity`).
+pub fn router(slot: MeshSlot) -> Router {
+    Router::new()
+        .route("/mesh/ingest", post(ingest))
+        .route("/mesh/peers", get(peers))
+        .route("/mesh/capabilities", get(capabilities))
+        .route("/mesh/stats", get(stats))
+        .with_state(slot)
+}
+
+async fn ingest(State(slot): State<MeshSlot>, headers: HeaderMap, body: Body) -> Response {
+    let Some(mesh) = slot.get() else {
+        return not_running();
+    };
+    let max = usize::try_from(mesh.0.cfg.max_envelope).unwrap_or(usize::MAX);
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|n| *n > max) {
+        mesh.0.counters.too_large.fetch_add(1, Ordering::Relaxed);
+        return too_large(n, max).into_response();
+    }
+    let bytes = match axum::body::to_bytes(body, max).await {
+        Ok(b) => b,
+        Err(_) => {
+            mesh.0.counters.too_large.fetch_add(1, Ordering::Relaxed);
+            return too_large(max + 1, max).into_response();
+        }
+    };
+    match mesh.ingest(&bytes) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn peers(State(slot): State<MeshSlot>) -> Response {
+    slot.get()
+        .map_or_else(not_running, |m| Json(m.peers()).into_response())
+}
+
+async fn capabilities(State(slot): State<MeshSlot>) -> Response {
+    slot.get()
+        .map_or_else(not_running, |m| Json(m.capabilities()).into_response())
+}
+
+async fn stats(State(slot): State<MeshSlot>) -> Response {
+    slot.get()
+        .map_or_else(not_running, |m| Json(m.stats()).into_response())
+}
+
+/// The URL this node advertises: `mesh.advertise_url`, else the bound address (the default
+/// route's address when bound to the wildcard).
+pub fn advertise_url(cfg: &MeshConfig, bound: std::net::SocketAddr) -> String {
+    if !cfg.advertise_url.is_empty() {
+        return cfg.advertise_url.trim_end_matches('/').to_string();
+    }
+    let ip = if bound.ip().is_unspecified() {
+        default_route_ip().unwrap_or_else(|| {
+            tracing::warn!(
+                "mesh: no default route; advertising 127.0.0.1 (set mesh.advertise_url for peers on other machines)"
+            );
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        })
+    } else {
+        bound.ip()
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+}
+
+/// The source address the kernel would use for the default route (connecting a UDP socket
+/// sends nothing).
+fn default_route_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// Where the running mesh is found by routes built before it starts (it needs the bound
+/// coordinator address). Empty while starting, and on nodes with `mesh.enabled = false`.
+pub type MeshSlot = Arc<OnceLock<Mesh>>;
+
+fn not_running() -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "mesh_disabled",
+        "this node does not take part in a mesh (mesh.enabled = false) or is still starting",
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_refuse_a_second_delivery_and_forget_after_the_window() {
+        let mut n = Nonces::default();
+        let k = KeyId([1; 32]);
+        assert!(n.insert(k, [2; 16], 1_000, 31_000));
+        assert!(!n.insert(k, [2; 16], 2_000, 32_000));
+        assert!(n.insert(k, [3; 16], 2_000, 32_000));
+        // After expiry the pair is forgotten (the time window refuses the envelope anyway).
+        assert!(n.insert(k, [2; 16], 40_000, 70_000));
+    }
+
+    #[test]
+    fn the_advertised_url_prefers_configuration_then_the_bound_address() {
+        let mut cfg = crate::config::Config::default().mesh;
+        let bound: std::net::SocketAddr = "127.0.0.3:4301".parse().unwrap();
+        assert_eq!(advertise_url(&cfg, bound), "http://127.0.0.3:4301");
+        cfg.advertise_url = "http://box.lan:4301/".into();
+        assert_eq!(advertise_url(&cfg, bound), "http://box.lan:4301");
+    }
+}

@@ -1,0 +1,303 @@
+//! The mesh between real node processes on 127.0.0.x: membership, capability gossip, failure
+//! detection, rejoin, and the ingress checks of `/mesh/ingest`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BIN, Node, get, get_json};
+use edgecoder::identity::Identity;
+use edgecoder::mesh::wire::{self, Message};
+
+/// Fast SWIM timers so the tests take seconds.
+const FAST: &[&str] = &[
+    "--set",
+    "mesh.probe_period=300ms",
+    "--set",
+    "mesh.suspect_timeout=1500ms",
+    "--set",
+    "mesh.sync_interval=1s",
+];
+
+fn start(host: &str, bootstrap: Option<&str>) -> Node {
+    let mut args = vec!["--host", host];
+    args.extend_from_slice(FAST);
+    let set;
+    if let Some(b) = bootstrap {
+        set = format!("mesh.bootstrap_urls=[\"{b}\"]");
+        args.extend(["--set", &set]);
+    }
+    Node::start(&args)
+}
+
+fn peers(n: &Node) -> serde_json::Value {
+    get_json(&format!("{}/mesh/peers", n.coordinator())).expect("/mesh/peers answers")
+}
+
+/// The state `observer` holds for the node at `url` ("alive", "suspect", "dead"), if known.
+fn state_of(observer: &Node, url: &str) -> Option<String> {
+    peers(observer)["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["url"] == url)
+        .map(|p| p["state"].as_str().unwrap_or("").to_string())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn all_alive(nodes: &[&Node]) -> bool {
+    nodes.iter().all(|n| {
+        nodes
+            .iter()
+            .filter(|m| m.coordinator() != n.coordinator())
+            .all(|m| state_of(n, &m.coordinator()).as_deref() == Some("alive"))
+    })
+}
+
+#[test]
+fn nodes_converge_share_capabilities_detect_a_death_and_take_it_back() {
+    let a = start("127.0.0.2", None);
+    let seed = a.coordinator();
+    let b = start("127.0.0.3", Some(&seed));
+    let mut c = start("127.0.0.4", Some(&seed));
+    let d = start("127.0.0.5", Some(&seed));
+
+    // /identity says how to join.
+    let ident = get_json(&format!("{seed}/identity")).unwrap();
+    assert_eq!(ident["mesh"]["url"], seed);
+    assert!(ident["mesh"]["peer"].as_str().unwrap().len() > 40);
+
+    wait_until(
+        "every node sees every other alive, and has heard from it directly",
+        Duration::from_secs(30),
+        || {
+            all_alive(&[&a, &b, &c, &d])
+                && [&a, &b, &c, &d].iter().all(|n| {
+                    peers(n)["peers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|p| p["last_seen_ms"].as_u64().unwrap() > 0)
+                })
+        },
+    );
+    for n in [&a, &b, &c, &d] {
+        let v = peers(n);
+        assert_eq!(v["url"], n.coordinator());
+        assert_eq!(v["peers"].as_array().unwrap().len(), 3, "{v}");
+        for p in v["peers"].as_array().unwrap() {
+            assert!(p["node_id"].as_str().unwrap().len() > 10, "{p}");
+        }
+    }
+
+    // Every node's capabilities (its local worker: probe tasks, 16 slots) reach every node.
+    wait_until("capabilities everywhere", Duration::from_secs(20), || {
+        [&a, &b, &c, &d].iter().all(|n| {
+            let caps = get_json(&format!("{}/mesh/capabilities", n.coordinator())).unwrap();
+            let caps = caps.as_array().unwrap();
+            caps.len() == 4
+                && caps.iter().all(|c| {
+                    c["slots"] == 16 && c["kinds"].as_array().unwrap().iter().any(|k| k == "probe")
+                })
+        })
+    });
+    let v = peers(&a);
+    let cp = v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["url"] == c.coordinator())
+        .unwrap()
+        .clone();
+    assert_eq!(cp["capabilities"]["url"], c.coordinator());
+    let old_generation = cp["generation"].as_u64().unwrap();
+
+    // The CLI shows the same.
+    let out = std::process::Command::new(BIN)
+        .args(["mesh", "peers", "--url", &seed])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for n in [&b, &c, &d] {
+        assert!(text.contains(&n.coordinator()), "{text}");
+    }
+    assert!(text.contains("alive"), "{text}");
+    let out = std::process::Command::new(BIN)
+        .args(["mesh", "capabilities", "--url", &seed])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("16/16")
+            .count(),
+        4
+    );
+
+    // kill -9: suspect, then dead on every other node.
+    let c_url = c.coordinator();
+    c.kill9();
+    wait_until(
+        "the killed node is dead everywhere",
+        Duration::from_secs(20),
+        || {
+            [&a, &b, &d]
+                .iter()
+                .all(|n| state_of(n, &c_url).as_deref() == Some("dead"))
+        },
+    );
+
+    // Back on the same data directory (same key, new process, new port): alive everywhere again
+    // under a newer generation.
+    c.restart();
+    wait_until(
+        "the restarted node is alive everywhere",
+        Duration::from_secs(30),
+        || all_alive(&[&a, &b, &c, &d]),
+    );
+    let v = peers(&b);
+    let back = v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["url"] == c.coordinator())
+        .unwrap();
+    assert!(back["generation"].as_u64().unwrap() > old_generation);
+}
+
+/// POSTs raw bytes to `/mesh/ingest`; returns the status.
+fn post(base: &str, body: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let host = base.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /mesh/ingest HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // The server may answer (413) before reading a large body; a reset then is fine.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn stats(n: &Node) -> serde_json::Value {
+    get_json(&format!("{}/mesh/stats", n.coordinator())).unwrap()
+}
+
+fn now_ms() -> u64 {
+    edgecoder::clock::now_ms()
+}
+
+#[test]
+fn forged_tampered_replayed_expired_and_oversized_envelopes_are_refused_and_counted() {
+    let a = start("127.0.0.6", None);
+    let url = a.coordinator();
+    let stranger = Identity::generate();
+    let msg = || Message::Swim(vec![7; 32]);
+
+    // A well-formed envelope from an unknown key is accepted (SWIM ignores the junk packet)...
+    let good = wire::seal(&stranger, msg(), now_ms());
+    assert_eq!(post(&url, &good), 204);
+    // ...once.
+    assert_eq!(post(&url, &good), 409, "replay");
+
+    // Tampered: one byte of the signed message changed.
+    let mut tampered = wire::seal(&stranger, msg(), now_ms());
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert_eq!(post(&url, &tampered), 401);
+
+    // Forged: signed by mallory, claiming to be the node itself.
+    let mallory = Identity::generate();
+    let mut forged = wire::seal(&mallory, msg(), now_ms());
+    let node_key = Identity::load(&a.dir.join("identity.key"))
+        .unwrap()
+        .key_id();
+    forged[65..97].copy_from_slice(&node_key.0);
+    assert_eq!(post(&url, &forged), 401);
+
+    // Expired: stamped two minutes ago (window 30 s).
+    let old = wire::seal(&stranger, msg(), now_ms() - 120_000);
+    assert_eq!(post(&url, &old), 401);
+
+    // Oversized: over mesh.max_envelope (64 KiB), refused before decoding.
+    let big = wire::seal(&stranger, Message::Swim(vec![1; 70_000]), now_ms());
+    assert_eq!(post(&url, &big), 413);
+
+    // Garbage.
+    assert_eq!(post(&url, b"not an envelope at all, clearly not"), 400);
+
+    let s = stats(&a);
+    assert_eq!(s["accepted"], 1, "{s}");
+    assert_eq!(s["replayed"], 1, "{s}");
+    assert_eq!(s["bad_signature"], 2, "{s}");
+    assert_eq!(s["stale"], 1, "{s}");
+    assert_eq!(s["too_large"], 1, "{s}");
+    assert_eq!(s["malformed"], 1, "{s}");
+    // The node is unharmed.
+    assert_eq!(get(&format!("{url}/health")).unwrap().0, 200);
+}
+
+#[test]
+fn a_flooding_peer_is_throttled_while_the_mesh_keeps_working() {
+    let a = start("127.0.0.7", None);
+    let b = start("127.0.0.8", Some(&a.coordinator()));
+    wait_until("a and b see each other", Duration::from_secs(20), || {
+        all_alive(&[&a, &b])
+    });
+    let flooder = std::sync::Arc::new(Identity::generate());
+    let url = a.coordinator();
+    let mut refused = 0;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            let id = flooder.clone();
+            std::thread::spawn(move || {
+                let mut limited = 0;
+                for _ in 0..400 {
+                    let env = wire::seal(&id, Message::Swim(vec![0; 16]), now_ms());
+                    if post(&url, &env) == 429 {
+                        limited += 1;
+                    }
+                }
+                limited
+            })
+        })
+        .collect();
+    for t in threads {
+        refused += t.join().unwrap();
+    }
+    // 1,600 envelopes against 200/s with a burst of 400: most are refused.
+    assert!(refused > 800, "only {refused} of 1600 throttled");
+    let s = stats(&a);
+    assert_eq!(s["rate_limited"], refused, "{s}");
+
+    // Meanwhile b's envelopes still arrive: it is alive, and seen recently.
+    let before = stats(&b)["sent"].as_u64().unwrap();
+    wait_until("b keeps talking to a", Duration::from_secs(10), || {
+        stats(&b)["sent"].as_u64().unwrap() > before + 5
+    });
+    assert!(all_alive(&[&a, &b]));
+    let v = peers(&a);
+    let bp = &v["peers"][0];
+    assert!(
+        now_ms() - bp["last_seen_ms"].as_u64().unwrap() < 5_000,
+        "{bp}"
+    );
+}
