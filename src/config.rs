@@ -108,6 +108,9 @@ pub struct MeshConfig {
     pub sync_interval: Duration,
     /// Capabilities are republished this often even when nothing changed.
     pub caps_interval: Duration,
+    /// A queued task that a local agent could run but none has taken for this long is offered
+    /// to peers (tasks no local agent can run are offered at once).
+    pub offer_after: Duration,
 }
 
 /// Coordinator settings: task queue, leases, agents.
@@ -365,6 +368,7 @@ impl Default for Config {
                 suspect_timeout: Duration::from_secs(5),
                 sync_interval: Duration::from_secs(10),
                 caps_interval: Duration::from_secs(60),
+                offer_after: Duration::from_secs(2),
             },
         }
     }
@@ -920,6 +924,7 @@ impl<'p> Reader<'p> {
         self.duration(&mut t, s, "suspect_timeout", &mut m.suspect_timeout);
         self.duration(&mut t, s, "sync_interval", &mut m.sync_interval);
         self.duration(&mut t, s, "caps_interval", &mut m.caps_interval);
+        self.duration(&mut t, s, "offer_after", &mut m.offer_after);
         self.finish(t, "mesh");
 
         self.finish(root, "");

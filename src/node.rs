@@ -307,6 +307,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             identity.clone(),
             url,
             coordinator.state.clone(),
+            cfg.worker.heartbeat_interval,
             tracker.clone(),
             services.clone(),
         )

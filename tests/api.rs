@@ -398,6 +398,7 @@ async fn silent_agents_are_reaped_and_their_tasks_run_elsewhere() {
             &Claim {
                 session: reg_a.session,
                 max: 1,
+                task: None,
             },
         )
         .await
@@ -447,6 +448,7 @@ async fn silent_agents_are_reaped_and_their_tasks_run_elsewhere() {
             &Claim {
                 session: reg_b.session,
                 max: 1,
+                task: None,
             },
         )
         .await
@@ -484,6 +486,7 @@ async fn silent_agents_are_reaped_and_their_tasks_run_elsewhere() {
             &Claim {
                 session: reg_b.session,
                 max: 1,
+                task: None,
             },
         )
         .await

@@ -301,3 +301,157 @@ fn a_flooding_peer_is_throttled_while_the_mesh_keeps_working() {
         "{bp}"
     );
 }
+
+fn worker_key(n: &Node) -> String {
+    Identity::load(&n.dir.join("worker").join("agent.key"))
+        .unwrap()
+        .key_id()
+        .to_string()
+}
+
+/// Waits until `n` holds a capability record for every node in `of` with free slots.
+fn wait_caps(n: &Node, of: &[&Node]) {
+    wait_until(
+        "capabilities of the executors",
+        Duration::from_secs(20),
+        || {
+            let caps = get_json(&format!("{}/mesh/capabilities", n.coordinator())).unwrap();
+            of.iter().all(|m| {
+                caps.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["url"] == m.coordinator() && c["free_slots"].as_u64().unwrap() > 0)
+            })
+        },
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn tasks_a_node_cannot_run_run_on_peers_exactly_once_with_events_and_results_back() {
+    // A has no worker: every task it takes must run elsewhere.
+    let mut args = vec!["--host", "127.0.0.9", "--set", "worker.enabled=false"];
+    args.extend_from_slice(FAST);
+    let a = Node::start(&args);
+    let seed = a.coordinator();
+    let b = start("127.0.0.10", Some(&seed));
+    let c = start("127.0.0.11", Some(&seed));
+    let d = start("127.0.0.12", Some(&seed));
+    wait_until("all alive", Duration::from_secs(30), || {
+        all_alive(&[&a, &b, &c, &d])
+    });
+    wait_caps(&a, &[&b, &c, &d]);
+    let workers = [worker_key(&b), worker_key(&c), worker_key(&d)];
+
+    let rt = runtime();
+    let client = a.client();
+    const N: usize = 30;
+    let ids: Vec<_> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..N {
+            ids.push(
+                common::submit_probe(&client, serde_json::json!({"echo": i, "events": 2})).await,
+            );
+        }
+        ids
+    });
+    let mut ran_on = std::collections::HashMap::<String, usize>::new();
+    for (i, id) in ids.iter().enumerate() {
+        let r = rt.block_on(common::wait_result(&client, *id));
+        assert_eq!(
+            r.state,
+            edgecoder::coordinator::model::TaskState::Succeeded,
+            "{r:?}"
+        );
+        let out = r.output.unwrap();
+        assert_eq!(out["echo"], i, "the result is this task's");
+        let agent = out["agent"].as_str().unwrap().to_string();
+        assert!(
+            workers.contains(&agent),
+            "ran on {agent}, not a peer's worker"
+        );
+        *ran_on.entry(agent).or_default() += 1;
+        let v: edgecoder::coordinator::model::TaskView =
+            rt.block_on(client.get(&format!("/tasks/{id}"))).unwrap();
+        assert_eq!(v.attempts, 1, "one lease per task");
+    }
+    // Executions counted on the executors themselves: every origin task ran exactly once.
+    let mut executed = 0;
+    let mut won = 0;
+    for n in [&b, &c, &d] {
+        let list: edgecoder::coordinator::model::TaskList =
+            rt.block_on(n.client().get("/tasks?limit=1000")).unwrap();
+        executed += list.tasks.len();
+        won += stats(n)["claims_won"].as_u64().unwrap();
+    }
+    assert_eq!(executed, N, "each task ran once across all nodes");
+    assert_eq!(won, N as u64);
+    assert!(stats(&a)["offers_sent"].as_u64().unwrap() >= N as u64);
+
+    // The events streamed on the executor came back to A (through the CLI, a real client).
+    let out = std::process::Command::new(BIN)
+        .args([
+            "task",
+            "events",
+            &ids[0].to_string(),
+            "--url",
+            &seed,
+            "--key",
+        ])
+        .arg(a.dir.join("identity.key"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("\"type\":\"progress\"").count(), 2, "{text}");
+    println!("ran on: {ran_on:?}");
+}
+
+#[test]
+fn a_busy_node_overflows_to_a_peer() {
+    let mut args = vec![
+        "--host",
+        "127.0.0.13",
+        "--set",
+        "worker.slots=1",
+        "--set",
+        "mesh.offer_after=300ms",
+    ];
+    args.extend_from_slice(FAST);
+    let a = Node::start(&args);
+    let b = start("127.0.0.14", Some(&a.coordinator()));
+    wait_until("all alive", Duration::from_secs(30), || {
+        all_alive(&[&a, &b])
+    });
+    wait_caps(&a, &[&b]);
+    let rt = runtime();
+    let client = a.client();
+    let busy = rt.block_on(common::submit_probe(
+        &client,
+        serde_json::json!({"echo": "long", "busy": "4s"}),
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let quick = rt.block_on(common::submit_probe(
+        &client,
+        serde_json::json!({"echo": "quick"}),
+    ));
+    let r = rt.block_on(common::wait_result(&client, quick));
+    assert_eq!(r.output.as_ref().unwrap()["agent"], worker_key(&b), "{r:?}");
+    // The quick task finished on B while A's only slot was still busy.
+    let v: edgecoder::coordinator::model::TaskView =
+        rt.block_on(client.get(&format!("/tasks/{busy}"))).unwrap();
+    assert!(
+        matches!(v.state.as_str(), "leased" | "running"),
+        "still on A's worker: {v:?}"
+    );
+    assert_eq!(v.lease.as_ref().unwrap().agent.to_string(), worker_key(&a));
+    let r = rt.block_on(common::wait_result(&client, busy));
+    assert_eq!(r.output.unwrap()["agent"], worker_key(&a));
+}

@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::CoordinatorError;
-pub use self::routes::IdentityView;
+pub use self::routes::{IdentityView, seal_context};
 use self::state::{CoordinatorState, StateConfig};
 use crate::config::Config;
 use crate::health::NodeHealth;
@@ -54,6 +54,8 @@ pub struct CoordinatorKeys {
     node: KeyId,
     agents: HashSet<KeyId>,
     clients: HashSet<KeyId>,
+    /// Live mesh members act as agents: they claim the tasks this node offers them.
+    mesh: crate::mesh::service::MeshSlot,
 }
 
 impl KeyResolver for CoordinatorKeys {
@@ -64,6 +66,8 @@ impl KeyResolver for CoordinatorKeys {
             Some(Role::Agent)
         } else if self.clients.contains(key) {
             Some(Role::Client)
+        } else if self.mesh.get().is_some_and(|m| m.is_peer(key)) {
+            Some(Role::Agent)
         } else {
             None
         }
@@ -130,6 +134,7 @@ pub fn spawn(
         node: identity.key_id(),
         agents,
         clients: cfg.coordinator.client_keys.iter().copied().collect(),
+        mesh: mesh.clone(),
     };
     let verifier = Arc::new(Verifier::new(
         VerifierConfig {

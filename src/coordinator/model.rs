@@ -623,6 +623,10 @@ pub struct Claim {
     pub session: u64,
     /// Most tasks to take (free slots). 0 waits only for cancellations.
     pub max: u32,
+    /// Only this task (a mesh peer claiming what it was offered); nothing is granted when it
+    /// is no longer queued, and the claim never waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskId>,
 }
 
 /// A task handed to an agent.

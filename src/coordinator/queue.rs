@@ -286,6 +286,33 @@ impl Queue {
         out
     }
 
+    /// Grants one named task to an agent if it is queued, unexpired and matches (a mesh peer
+    /// claiming an offer: of several racing for it, exactly one gets the lease).
+    pub fn claim_task(
+        &mut self,
+        id: TaskId,
+        agent: KeyId,
+        session: u64,
+        caps: &Capabilities,
+        now: u64,
+    ) -> Option<Transition> {
+        let r = self.active.get(&id)?;
+        if r.state != TaskState::Queued
+            || r.deadline_ms <= now
+            || !caps.matches(r.kind, &r.requirements)
+        {
+            return None;
+        }
+        self.lease(id, agent, session, now)
+    }
+
+    /// Queued tasks (no lease), in no particular order.
+    pub fn queued(&self) -> impl Iterator<Item = &TaskRecord> {
+        self.active
+            .values()
+            .filter(|r| r.state == TaskState::Queued)
+    }
+
     fn lease(&mut self, id: TaskId, agent: KeyId, session: u64, now: u64) -> Option<Transition> {
         let mut rec = self.active.get(&id)?.clone();
         self.unindex(&rec);

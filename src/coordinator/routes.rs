@@ -322,11 +322,29 @@ pub async fn claim(
     JsonBody(req): JsonBody<Claim>,
 ) -> Result<Json<ClaimReply>, Response> {
     let wait = parse_wait(q.wait.as_deref()).map_err(IntoResponse::into_response)?;
-    ctx.state
+    let mut reply = ctx
+        .state
         .claim(&p, &req, wait)
         .await
-        .map(Json)
-        .map_err(IntoResponse::into_response)
+        .map_err(IntoResponse::into_response)?;
+    // A mesh peer gets each payload sealed to its X25519 key.
+    if let Some(mesh) = ctx.mesh.get().filter(|m| m.is_peer(&p.key)) {
+        for t in &mut reply.tasks {
+            t.payload = mesh
+                .seal_for(
+                    &p.key,
+                    &seal_context("payload", t.id, t.attempt),
+                    &t.payload,
+                )
+                .map_err(IntoResponse::into_response)?;
+        }
+    }
+    Ok(Json(reply))
+}
+
+/// What a sealed value is bound to: its purpose, task and attempt.
+pub fn seal_context(purpose: &str, task: TaskId, attempt: u32) -> String {
+    format!("{purpose}:{task}:{attempt}")
 }
 
 /// `GET /agents`.
@@ -345,9 +363,18 @@ pub async fn post_events(
     State(ctx): State<Ctx>,
     Auth(p): Auth,
     Path(id): Path<String>,
-    JsonBody(req): JsonBody<PostEvents>,
+    JsonBody(mut req): JsonBody<PostEvents>,
 ) -> Result<Json<EventsAccepted>, Response> {
     let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    // A mesh peer's events arrive sealed to this node.
+    if let Some(mesh) = ctx.mesh.get().filter(|m| m.is_peer(&p.key)) {
+        let aad = seal_context("event", id, req.attempt);
+        for e in &mut req.events {
+            e.data = mesh
+                .open_sealed(&aad, &e.data)
+                .map_err(IntoResponse::into_response)?;
+        }
+    }
     ctx.state
         .post_events(&p, id, req)
         .await
@@ -360,9 +387,29 @@ pub async fn post_result(
     State(ctx): State<Ctx>,
     Auth(p): Auth,
     Path(id): Path<String>,
-    JsonBody(req): JsonBody<PostResult>,
+    JsonBody(mut req): JsonBody<PostResult>,
 ) -> Result<Json<ResultAccepted>, Response> {
     let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    // A mesh peer's result arrives sealed to this node: the output, or the error text.
+    if let Some(mesh) = ctx.mesh.get().filter(|m| m.is_peer(&p.key)) {
+        let aad = seal_context("result", id, req.attempt);
+        match &mut req.outcome {
+            ReportedOutcome::Succeeded { output } => {
+                *output = mesh
+                    .open_sealed(&aad, output)
+                    .map_err(IntoResponse::into_response)?;
+            }
+            ReportedOutcome::Failed { error, .. } => {
+                let sealed: serde_json::Value = serde_json::from_str(error).map_err(|_| {
+                    ApiError::bad_request("a mesh peer's error must be sealed").into_response()
+                })?;
+                let opened = mesh
+                    .open_sealed(&aad, &sealed)
+                    .map_err(IntoResponse::into_response)?;
+                *error = opened.as_str().unwrap_or_default().to_string();
+            }
+        }
+    }
     ctx.state
         .post_result(&p, id, req)
         .await

@@ -46,6 +46,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 200;
 /// Most tasks returned by one `GET /tasks`.
 pub const MAX_LIST: usize = 1000;
 
+/// Idempotency keys of tasks a node runs for another node start with this; they are never
+/// offered on to further peers.
+pub const MESH_KEY_PREFIX: &str = "mesh:";
+
 /// Finished tasks deleted per purge transaction.
 const PURGE_BATCH: usize = 1000;
 
@@ -1086,7 +1090,7 @@ impl CoordinatorState {
                 let signal = Self::agent_entry(&mut core, p, req.session)?.signal.clone();
                 let mut batch = Batch::default();
                 let reply = self.claim_locked(&mut core, p, req, now, &mut batch)?;
-                if reply.tasks.is_empty() && reply.cancel.is_empty() {
+                if reply.tasks.is_empty() && reply.cancel.is_empty() && req.task.is_none() {
                     (signal, None)
                 } else {
                     let commit = (!batch.puts.is_empty())
@@ -1139,9 +1143,17 @@ impl CoordinatorState {
         let cancel = core.queue.take_cancellations(&p.key);
         // Never more leases than the slots the agent registered with.
         let room = (caps.slots as usize).saturating_sub(core.queue.leases_of(&p.key));
-        let granted =
-            core.queue
-                .claim(p.key, req.session, &caps, (req.max as usize).min(room), now);
+        let granted = match req.task {
+            Some(id) if room > 0 && req.max > 0 => core
+                .queue
+                .claim_task(id, p.key, req.session, &caps, now)
+                .into_iter()
+                .collect(),
+            Some(_) => Vec::new(),
+            None => core
+                .queue
+                .claim(p.key, req.session, &caps, (req.max as usize).min(room), now),
+        };
         self.record(core, &granted, batch);
         let tasks = granted
             .iter()
@@ -1299,6 +1311,43 @@ impl CoordinatorState {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Queued tasks worth offering to mesh peers: those no live agent of this node (`own`
+    /// decides which agents count) can run, and those that waited `offer_after` for a free
+    /// one. Tasks this node runs for other nodes (idempotency key `mesh:`) are never offered on.
+    pub fn offerable(
+        &self,
+        now: u64,
+        offer_after_ms: u64,
+        own: impl Fn(&KeyId) -> bool,
+        limit: usize,
+    ) -> Vec<TaskRecord> {
+        let core = self.lock();
+        let caps: Vec<&Capabilities> = core
+            .agents
+            .values()
+            .filter(|e| own(&e.record.key))
+            .map(|e| &e.record.capabilities)
+            .collect();
+        let mut v: Vec<TaskRecord> = core
+            .queue
+            .queued()
+            .filter(|r| r.deadline_ms > now)
+            .filter(|r| {
+                !r.idempotency_key
+                    .as_deref()
+                    .is_some_and(|k| k.starts_with(MESH_KEY_PREFIX))
+            })
+            .filter(|r| {
+                !caps.iter().any(|c| c.matches(r.kind, &r.requirements))
+                    || now.saturating_sub(r.updated_ms) >= offer_after_ms
+            })
+            .cloned()
+            .collect();
+        v.sort_by_key(|r| r.id);
+        v.truncate(limit);
+        v
     }
 
     /// `GET /agents`: live agents, then agents known from earlier sessions.

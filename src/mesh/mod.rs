@@ -4,10 +4,12 @@
 //! * [`records`]: capability and blacklist records every node keeps.
 //! * [`core`]: the sans-IO state machine (SWIM membership through foca, gossip, anti-entropy).
 //! * [`sim`]: many cores over a simulated network, for tests and benchmarks.
+//! * [`seal`]: end-to-end encryption of task data between nodes (X25519, HKDF, AES-256-GCM).
 //! * [`service`]: one core inside a running node, over HTTP (`/mesh/*` on the coordinator port).
 
 pub mod core;
 pub mod records;
+pub mod seal;
 pub mod service;
 pub mod sim;
 pub mod wire;

@@ -33,13 +33,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::core::{Core, Event, PeerState, Tuning};
-use super::wire::{self, CapRecord, PeerId, Record, WireError};
+use super::seal;
+use super::wire::{self, CapRecord, Message, Offer, PeerId, Record, WireError};
+use crate::client::{ClientError, CoordinatorClient};
 use crate::config::MeshConfig;
-use crate::coordinator::model::{ResourceClass, TaskKind};
+use crate::coordinator::model::{
+    Capabilities, Claim, ClaimReply, ClaimedTask, EventKind, EventsAccepted, Heartbeat,
+    HeartbeatReply, NewEvent, PostEvents, PostResult, RegisterAgent, Registered, ReportedOutcome,
+    Requirements, ResourceClass, ResultAccepted, RunningTask, SubmitTask, TaskId, TaskKind,
+    TaskState,
+};
 use crate::coordinator::state::CoordinatorState;
+use crate::coordinator::state::{CursorItem, EventCursor, MESH_KEY_PREFIX, ResultWait};
 use crate::http::ApiError;
 use crate::identity::{Identity, KeyId};
 use crate::security::ratelimit::RateLimits;
+use crate::security::{Principal, Role};
 
 /// Envelopes in flight to peers at once; beyond it new sends are dropped (and counted), as a
 /// full UDP socket buffer would drop them. SWIM tolerates loss by design.
@@ -50,6 +59,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often capabilities are recomputed and published if they changed.
 const CAPS_CHECK: Duration = Duration::from_secs(2);
+
+/// Offers considered or run at once on this node.
+const MAX_EXECUTING: usize = 64;
 
 /// Most (sender, nonce) pairs remembered for replay checks.
 const MAX_NONCES: usize = 500_000;
@@ -117,6 +129,18 @@ pub struct MeshStats {
     pub records_learned: u64,
     /// Anti-entropy rounds started.
     pub syncs: u64,
+    /// Task offers sent to peers.
+    pub offers_sent: u64,
+    /// Task offers received.
+    pub offers_received: u64,
+    /// Offered tasks this node claimed and ran.
+    pub claims_won: u64,
+    /// Offered tasks another peer claimed first.
+    pub claims_lost: u64,
+    /// Tasks run here for other nodes that succeeded.
+    pub remote_succeeded: u64,
+    /// Tasks run here for other nodes that failed or were abandoned.
+    pub remote_failed: u64,
 }
 
 /// One peer in `GET /mesh/peers`.
@@ -240,6 +264,35 @@ struct Inner {
     state: CoordinatorState,
     tracker: TaskTracker,
     token: CancellationToken,
+    /// Tasks offered to peers, and when they may be offered again.
+    offered: Mutex<HashMap<TaskId, u64>>,
+    /// Sessions held with origins this node runs tasks for.
+    origins: tokio::sync::Mutex<HashMap<String, Origin>>,
+    /// Offers being considered or run here now.
+    executing: Arc<Semaphore>,
+    /// Task lease length and heartbeat period of this node (peers use the same defaults).
+    heartbeat: Duration,
+    pcounters: PlacementCounters,
+    /// Origin tasks cancelled while running here (a heartbeat for one task may carry the
+    /// cancellation of another run for the same origin).
+    cancelled: Mutex<std::collections::HashSet<TaskId>>,
+}
+
+/// A session with an origin's coordinator, as one of its agents.
+#[derive(Clone)]
+struct Origin {
+    client: Arc<CoordinatorClient>,
+    session: u64,
+}
+
+#[derive(Debug, Default)]
+struct PlacementCounters {
+    offers_sent: AtomicU64,
+    offers_received: AtomicU64,
+    claims_won: AtomicU64,
+    claims_lost: AtomicU64,
+    remote_succeeded: AtomicU64,
+    remote_failed: AtomicU64,
 }
 
 /// The running mesh of one node.
@@ -266,6 +319,7 @@ impl Mesh {
         identity: Arc<Identity>,
         url: String,
         state: CoordinatorState,
+        heartbeat: Duration,
         tracker: TaskTracker,
         token: CancellationToken,
     ) -> Result<Mesh, reqwest::Error> {
@@ -302,6 +356,12 @@ impl Mesh {
             tracker: tracker.clone(),
             token: token.clone(),
             cfg: cfg.clone(),
+            offered: Mutex::new(HashMap::new()),
+            origins: tokio::sync::Mutex::new(HashMap::new()),
+            executing: Arc::new(Semaphore::new(MAX_EXECUTING)),
+            heartbeat,
+            pcounters: PlacementCounters::default(),
+            cancelled: Mutex::new(std::collections::HashSet::new()),
         }));
         for u in &cfg.bootstrap_urls {
             let m = mesh.clone();
@@ -312,6 +372,8 @@ impl Mesh {
         tracker.spawn(async move { m.tick_loop().await });
         let m = mesh.clone();
         tracker.spawn(async move { m.caps_loop().await });
+        let m = mesh.clone();
+        tracker.spawn(async move { m.placement_loop().await });
         tracing::info!(url = %mesh.0.url, bootstrap = ?cfg.bootstrap_urls, "mesh started");
         Ok(mesh)
     }
@@ -348,6 +410,12 @@ impl Mesh {
             records_rejected: core.records_rejected,
             records_learned: core.records_learned,
             syncs: core.syncs,
+            offers_sent: g(&self.0.pcounters.offers_sent),
+            offers_received: g(&self.0.pcounters.offers_received),
+            claims_won: g(&self.0.pcounters.claims_won),
+            claims_lost: g(&self.0.pcounters.claims_lost),
+            remote_succeeded: g(&self.0.pcounters.remote_succeeded),
+            remote_failed: g(&self.0.pcounters.remote_failed),
         }
     }
 
@@ -448,7 +516,23 @@ impl Mesh {
                 Event::Record(Record::Blacklist(b)) => {
                     tracing::warn!(target = %node_id(&b.target), reporter = %node_id(&b.reporter), reason = ?b.reason, "mesh.blacklist record");
                 }
-                Event::Record(Record::Caps(_)) | Event::Offer { .. } => {}
+                Event::Offer { from, offer } => {
+                    self.0
+                        .pcounters
+                        .offers_received
+                        .fetch_add(1, Ordering::Relaxed);
+                    match self.0.executing.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let m = self.clone();
+                            self.0.tracker.spawn(async move {
+                                m.consider(from, offer).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => tracing::debug!("mesh.offer ignored: busy with other offers"),
+                    }
+                }
+                Event::Record(Record::Caps(_)) => {}
             }
         }
     }
@@ -571,7 +655,13 @@ impl Mesh {
             price: 0,
         };
         let mut leased = 0u32;
-        for a in self.0.state.agents().into_iter().filter(|a| a.live) {
+        for a in self
+            .0
+            .state
+            .agents()
+            .into_iter()
+            .filter(|a| a.live && !self.is_peer(&a.agent))
+        {
             for k in &a.capabilities.kinds {
                 if !caps.kinds.contains(k) {
                     caps.kinds.push(*k);
@@ -711,6 +801,475 @@ impl Mesh {
                 ApiError::bad_request(format!("envelope {other}"))
             }
         }
+    }
+}
+
+/// How often the origin looks for tasks to offer.
+const PLACEMENT_TICK: Duration = Duration::from_millis(250);
+
+/// Peers one task is offered to at once.
+const OFFER_FANOUT: usize = 3;
+
+/// An offer stands this long.
+const OFFER_TTL_MS: u64 = 10_000;
+
+/// An offered task still queued after this long is offered again (lost offers, an executor
+/// whose lease expired).
+const REOFFER_AFTER_MS: u64 = 3_000;
+
+/// Unit of the claim delay: an idle, exactly fitting peer claims after 0..1 of it, a loaded or
+/// oversized one later.
+const CLAIM_UNIT_MS: f64 = 20.0;
+
+/// The delay before claiming an offer: grows with this node's load, and with how far its
+/// resource class exceeds what the task needs (big nodes leave small tasks to small ones);
+/// jittered so that equal peers do not claim in lockstep.
+pub fn claim_delay(caps: &CapRecord, min_class: Option<ResourceClass>, jitter: f64) -> Duration {
+    let load = if caps.slots == 0 {
+        1.0
+    } else {
+        1.0 - f64::from(caps.free_slots.min(caps.slots)) / f64::from(caps.slots)
+    };
+    let surplus = caps.resource_class as u8 as f64 - min_class.unwrap_or_default() as u8 as f64;
+    let ms = CLAIM_UNIT_MS * ((1.0 + 4.0 * load) * (1.0 + 0.5 * surplus.max(0.0)) - 1.0)
+        + CLAIM_UNIT_MS * jitter.clamp(0.0, 1.0);
+    Duration::from_micros((ms.max(0.0) * 1000.0) as u64)
+}
+
+fn caps_of(c: &CapRecord) -> Capabilities {
+    Capabilities {
+        kinds: c.kinds.clone(),
+        models: c.models.clone(),
+        resource_class: c.resource_class,
+        slots: c.slots,
+    }
+}
+
+impl Mesh {
+    /// Whether `key` is a live member that may act as an agent of this coordinator (claim
+    /// what it was offered): active in the membership, allowed, not blacklisted.
+    pub fn is_peer(&self, key: &KeyId) -> bool {
+        if *key == self.0.identity.key_id()
+            || (!self.0.cfg.peer_keys.is_empty() && !self.0.cfg.peer_keys.contains(key))
+        {
+            return false;
+        }
+        let core = lock(&self.0.core);
+        core.active().any(|p| p.key == *key) && !core.with_records(|r| r.is_listed(key))
+    }
+
+    /// Seals a value to a peer's X25519 key (from its capability record).
+    ///
+    /// # Errors
+    /// No capability record of the peer yet.
+    pub fn seal_for(
+        &self,
+        key: &KeyId,
+        aad: &str,
+        v: &serde_json::Value,
+    ) -> Result<serde_json::Value, ApiError> {
+        let x = lock(&self.0.core).with_records(|r| r.caps_of(key).map(|c| c.x25519));
+        let x = x.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "peer_unknown",
+                "no capability record (and so no encryption key) for this peer yet",
+            )
+        })?;
+        Ok(seal::seal_json(&x, aad, v))
+    }
+
+    /// Opens a value a peer sealed to this node.
+    ///
+    /// # Errors
+    /// Not sealed, or not to this node in this context.
+    pub fn open_sealed(
+        &self,
+        aad: &str,
+        v: &serde_json::Value,
+    ) -> Result<serde_json::Value, ApiError> {
+        seal::open_json(self.0.identity.x25519_secret(), aad, v)
+            .map_err(|e| ApiError::bad_request(format!("sealed data: {e}")))
+    }
+
+    /// Models the mesh's other live nodes advertise.
+    pub fn peer_models(&self) -> Vec<String> {
+        let core = lock(&self.0.core);
+        let mut v: Vec<String> = core
+            .active()
+            .filter_map(|p| core.with_records(|r| r.caps_of(&p.key).map(|c| c.models.clone())))
+            .flatten()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    async fn placement_loop(self) {
+        let mut t = tokio::time::interval(PLACEMENT_TICK);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = t.tick() => {}
+                _ = self.0.token.cancelled() => return,
+            }
+            self.place();
+        }
+    }
+
+    /// Offers queued tasks this node cannot run (soon enough) to peers that advertise a match.
+    fn place(&self) {
+        let now = crate::clock::now_ms();
+        let offer_after = self.0.cfg.offer_after.as_millis() as u64;
+        let tasks = self
+            .0
+            .state
+            .offerable(now, offer_after, |k| !self.is_peer(k), 64);
+        if tasks.is_empty() {
+            return;
+        }
+        let peers: Vec<(PeerId, CapRecord)> = {
+            let core = lock(&self.0.core);
+            core.active()
+                .filter_map(|p| {
+                    core.with_records(|r| {
+                        (!r.is_listed(&p.key))
+                            .then(|| r.caps_of(&p.key).cloned())
+                            .flatten()
+                    })
+                    .map(|c| (p.clone(), c))
+                })
+                .filter(|(p, _)| {
+                    self.0.cfg.peer_keys.is_empty() || self.0.cfg.peer_keys.contains(&p.key)
+                })
+                .collect()
+        };
+        if peers.is_empty() {
+            return;
+        }
+        let me_x = self.0.identity.x25519_public().to_bytes();
+        let mut sends = Vec::new();
+        {
+            let mut offered = lock(&self.0.offered);
+            offered.retain(|_, until| *until + 60_000 > now);
+            for t in tasks {
+                if offered.get(&t.id).is_some_and(|u| *u > now) {
+                    continue;
+                }
+                let mut fit: Vec<&(PeerId, CapRecord)> = peers
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.free_slots > 0 && caps_of(c).matches(t.kind, &t.requirements)
+                    })
+                    .collect();
+                if fit.is_empty() {
+                    continue;
+                }
+                fit.sort_by_key(|(_, c)| (c.load_pct, std::cmp::Reverse(c.free_slots)));
+                let offer = Offer {
+                    task: t.id,
+                    kind: t.kind,
+                    model: t.requirements.model.clone(),
+                    min_class: t.requirements.min_class,
+                    origin_url: self.0.url.clone(),
+                    origin_x25519: me_x,
+                    expires_ms: now + OFFER_TTL_MS,
+                };
+                for (p, _) in fit.into_iter().take(OFFER_FANOUT) {
+                    sends.push((p.clone(), Message::Offer(offer.clone())));
+                }
+                offered.insert(t.id, now + REOFFER_AFTER_MS);
+            }
+        }
+        for (p, m) in sends {
+            self.0.pcounters.offers_sent.fetch_add(1, Ordering::Relaxed);
+            self.send(p, m);
+        }
+    }
+
+    /// An offer arrived: wait the claim delay, claim from the origin, run it here.
+    async fn consider(self, from: KeyId, offer: Offer) {
+        let now = crate::clock::now_ms();
+        if offer.expires_ms <= now {
+            return;
+        }
+        // Only the member that owns `origin_url` may offer work there: nobody can point this
+        // node at a third party.
+        let genuine = lock(&self.0.core)
+            .active()
+            .any(|p| p.key == from && p.url == offer.origin_url);
+        if !genuine {
+            tracing::debug!(origin = %offer.origin_url, "mesh.offer not from the origin's owner; ignored");
+            return;
+        }
+        let req = Requirements {
+            model: offer.model.clone(),
+            min_class: offer.min_class,
+            max_tokens: None,
+        };
+        let caps = self.current_caps();
+        if caps.free_slots == 0 || !caps_of(&caps).matches(offer.kind, &req) {
+            return;
+        }
+        let jitter = f64::from(u16::from_le_bytes(crate::clock::random_bytes::<2>())) / 65535.0;
+        let delay = claim_delay(&caps, offer.min_class, jitter);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.0.token.cancelled() => return,
+        }
+        if self.current_caps().free_slots == 0 {
+            return;
+        }
+        let mut reply = None;
+        for _ in 0..2 {
+            let origin = match self.origin(&offer.origin_url, &caps_of(&caps)).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::debug!(origin = %offer.origin_url, error = %e, "mesh.claim cannot register with the origin");
+                    return;
+                }
+            };
+            let claim = Claim {
+                session: origin.session,
+                max: 1,
+                task: Some(offer.task),
+            };
+            match origin
+                .client
+                .post::<_, ClaimReply>("/agents/claim", &claim)
+                .await
+            {
+                Ok(r) => {
+                    reply = Some((origin, r));
+                    break;
+                }
+                Err(e) => {
+                    // A lapsed session (the origin restarted or reaped us): register again once.
+                    tracing::debug!(origin = %offer.origin_url, error = %e, "mesh.claim failed");
+                    self.0.origins.lock().await.remove(&offer.origin_url);
+                }
+            }
+        }
+        let Some((origin, reply)) = reply else {
+            return;
+        };
+        let Some(task) = reply.tasks.into_iter().next() else {
+            self.0.pcounters.claims_lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.0.pcounters.claims_won.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(task = %task.id, origin = %offer.origin_url, attempt = task.attempt, "mesh.claim won; running here");
+        let ok = self.run_remote(&origin, &offer, from, task).await;
+        let c = if ok {
+            &self.0.pcounters.remote_succeeded
+        } else {
+            &self.0.pcounters.remote_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This node's session with an origin, registering as its agent the first time.
+    async fn origin(&self, url: &str, caps: &Capabilities) -> anyhow::Result<Origin> {
+        let mut origins = self.0.origins.lock().await;
+        if let Some(o) = origins.get(url) {
+            return Ok(o.clone());
+        }
+        let client = Arc::new(CoordinatorClient::new(url, self.0.identity.clone())?);
+        let reg: Registered = client
+            .post(
+                "/agents/register",
+                &RegisterAgent {
+                    capabilities: caps.clone(),
+                    running: Vec::new(),
+                },
+            )
+            .await?;
+        let o = Origin {
+            client,
+            session: reg.session,
+        };
+        origins.insert(url.to_string(), o.clone());
+        Ok(o)
+    }
+
+    /// Runs a claimed task as a local task, relaying its events, heartbeats and result to the
+    /// origin, sealed to it. True when the result was delivered as a success.
+    async fn run_remote(
+        &self,
+        origin: &Origin,
+        offer: &Offer,
+        from: KeyId,
+        t: ClaimedTask,
+    ) -> bool {
+        let ctx = |purpose| crate::coordinator::seal_context(purpose, t.id, t.attempt);
+        let secret = self.0.identity.x25519_secret();
+        let report = |outcome: ReportedOutcome| PostResult {
+            attempt: t.attempt,
+            outcome,
+            next: None,
+        };
+        let failed = |msg: String| {
+            let sealed = seal::seal_json(
+                &offer.origin_x25519,
+                &ctx("result"),
+                &serde_json::Value::String(msg),
+            );
+            ReportedOutcome::Failed {
+                error: sealed.to_string(),
+                retryable: true,
+            }
+        };
+        let payload = match seal::open_json(secret, &ctx("payload"), &t.payload) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self
+                    .post_result(origin, t.id, &report(failed(format!("payload: {e}"))))
+                    .await;
+                return false;
+            }
+        };
+        let me = Principal {
+            key: self.0.identity.key_id(),
+            role: Role::Node,
+        };
+        let now = crate::clock::now_ms();
+        let submit = SubmitTask {
+            kind: t.kind,
+            payload,
+            requirements: t.requirements.clone(),
+            priority: 0,
+            timeout: Some(format!("{}ms", t.deadline_ms.saturating_sub(now).max(1000))),
+            max_attempts: Some(1),
+            idempotency_key: Some(format!(
+                "{MESH_KEY_PREFIX}{}:{}:{}",
+                node_id(&from),
+                t.id,
+                t.attempt
+            )),
+        };
+        let local = match self.0.state.submit(&me, submit).await {
+            Ok((v, _)) => v.id,
+            Err(e) => {
+                let _ = self
+                    .post_result(origin, t.id, &report(failed(format!("executor: {e}"))))
+                    .await;
+                return false;
+            }
+        };
+        let mut cursor = match EventCursor::open(&self.0.state, &me, local, 0).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "mesh.run cannot follow the local task");
+                return false;
+            }
+        };
+        let running = [RunningTask {
+            task: t.id,
+            attempt: t.attempt,
+        }];
+        let mut hb = tokio::time::interval(self.0.heartbeat);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lease_ttl = Duration::from_millis(t.lease_expires_ms.saturating_sub(now).max(1000));
+        let mut last_ok = tokio::time::Instant::now();
+        let events_path = format!("/tasks/{}/events", t.id);
+        loop {
+            tokio::select! {
+                item = cursor.next() => match item {
+                    CursorItem::Event(ev) if ev.kind == EventKind::State => {}
+                    CursorItem::Event(ev) => {
+                        let data: serde_json::Value =
+                            serde_json::from_str(&ev.data).unwrap_or(serde_json::Value::Null);
+                        let body = PostEvents {
+                            attempt: t.attempt,
+                            events: vec![NewEvent {
+                                kind: ev.kind,
+                                data: seal::seal_json(&offer.origin_x25519, &ctx("event"), &data),
+                            }],
+                        };
+                        match origin.client.post::<_, EventsAccepted>(&events_path, &body).await {
+                            Ok(_) => last_ok = tokio::time::Instant::now(),
+                            Err(ClientError::Api { code, .. }) => {
+                                tracing::info!(task = %t.id, %code, "mesh.run the origin refused events; stopping");
+                                let _ = self.0.state.cancel(&me, local).await;
+                                return false;
+                            }
+                            // A lost event is lost; the lease and the result matter more.
+                            Err(e) => tracing::debug!(error = %e, "mesh.run event not delivered"),
+                        }
+                    }
+                    CursorItem::End => break,
+                    // This node is stopping: the origin re-offers the task once the lease ends.
+                    CursorItem::Shutdown => return false,
+                },
+                _ = hb.tick() => {
+                    let beat = Heartbeat { session: origin.session, running: running.to_vec() };
+                    match origin.client.post::<_, HeartbeatReply>("/agents/heartbeat", &beat).await {
+                        Ok(r) => {
+                            last_ok = tokio::time::Instant::now();
+                            let mine = {
+                                let mut c = lock(&self.0.cancelled);
+                                if c.len() > 10_000 {
+                                    c.clear();
+                                }
+                                c.extend(r.cancel);
+                                c.remove(&t.id)
+                            };
+                            if mine {
+                                tracing::info!(task = %t.id, "mesh.run cancelled by the origin");
+                                let _ = self.0.state.cancel(&me, local).await;
+                                return false;
+                            }
+                        }
+                        Err(e) => {
+                            if last_ok.elapsed() > lease_ttl {
+                                tracing::warn!(task = %t.id, error = %e, "mesh.run origin unreachable past the lease; stopping");
+                                let _ = self.0.state.cancel(&me, local).await;
+                                return false;
+                            }
+                        }
+                    }
+                }
+                _ = self.0.token.cancelled() => return false,
+            }
+        }
+        let outcome = match self.0.state.result(&me, local, Duration::ZERO).await {
+            Ok(ResultWait::Done(r)) if r.state == TaskState::Succeeded => {
+                ReportedOutcome::Succeeded {
+                    output: seal::seal_json(
+                        &offer.origin_x25519,
+                        &ctx("result"),
+                        &r.output.unwrap_or(serde_json::Value::Null),
+                    ),
+                }
+            }
+            Ok(ResultWait::Done(r)) => failed(
+                r.error
+                    .unwrap_or_else(|| format!("ended {}", r.state.as_str())),
+            ),
+            Ok(ResultWait::Pending(_)) => failed("executor lost the result".into()),
+            Err(e) => failed(format!("executor: {e}")),
+        };
+        let success = matches!(outcome, ReportedOutcome::Succeeded { .. });
+        self.post_result(origin, t.id, &report(outcome)).await && success
+    }
+
+    /// Delivers a result, retrying transport failures for a few seconds.
+    async fn post_result(&self, origin: &Origin, task: TaskId, body: &PostResult) -> bool {
+        let path = format!("/tasks/{task}/result");
+        for i in 0..5u32 {
+            match origin.client.post::<_, ResultAccepted>(&path, body).await {
+                Ok(_) => return true,
+                Err(ClientError::Api { code, message, .. }) => {
+                    tracing::info!(%task, %code, %message, "mesh.run the origin refused the result");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::debug!(%task, error = %e, "mesh.run result not delivered yet");
+                    tokio::time::sleep(Duration::from_millis(200 << i)).await;
+                }
+            }
+        }
+        false
     }
 }
 

@@ -331,6 +331,7 @@ impl Worker {
             let req = Claim {
                 session: reg.session,
                 max: free,
+                task: None,
             };
             let path = format!("/agents/claim?wait={}s", CLAIM_WAIT.as_secs());
             let poll = self.client.send::<_, ClaimReply>(
@@ -465,6 +466,7 @@ impl Worker {
             next: Some(Claim {
                 session: self.session.load(Ordering::Relaxed),
                 max: 1,
+                task: None,
             }),
         };
         let path = format!("/tasks/{id}/result");
