@@ -129,8 +129,25 @@ pub enum MeshCmd {
     Peers(ConnectArgs),
     /// What every node advertises: models, resource class, free slots, load.
     Capabilities(ConnectArgs),
-    /// Envelopes accepted and refused (by reason), sent and failed.
+    /// Envelopes accepted and refused (by reason), sent and failed; offers and claims.
     Stats(ConnectArgs),
+    /// Publish a signed blacklist record against a node: this node (and every node that lists
+    /// this one in mesh.trusted_reporters) drops its messages.
+    Blacklist {
+        /// The node's key (base64url, from `edgecoder mesh peers --json`).
+        target: String,
+        /// bad_result, abuse or manual.
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// Evidence (only its SHA-256 is published).
+        #[arg(long, default_value = "")]
+        evidence: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        conn: ConnectArgs,
+    },
+    /// Blacklist records this node holds, and which it enforces.
+    Blacklisted(ConnectArgs),
 }
 
 /// `edgecoder bench ...`.
@@ -1083,6 +1100,50 @@ pub async fn mesh(cmd: MeshCmd) -> anyhow::Result<u8> {
         MeshCmd::Stats(conn) => {
             let v: MeshStats = get_json(&conn, "/mesh/stats").await?;
             print_json(&v)?;
+        }
+        MeshCmd::Blacklist {
+            target,
+            reason,
+            evidence,
+            conn,
+        } => {
+            let client = connect_service(&conn, Service::ControlPlane)?;
+            let v: crate::mesh::service::BlacklistView = client
+                .post(
+                    "/mesh/blacklist",
+                    &serde_json::json!({"target": target, "reason": reason, "evidence": evidence}),
+                )
+                .await?;
+            if conn.json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "blacklisted {} ({:?}), record {} of this node's chain",
+                    v.target, v.reason, v.seq
+                );
+            }
+        }
+        MeshCmd::Blacklisted(conn) => {
+            let client = connect_service(&conn, Service::ControlPlane)?;
+            let v: Vec<crate::mesh::service::BlacklistView> = client.get("/mesh/blacklist").await?;
+            if conn.json {
+                print_json(&v)?;
+            } else {
+                for b in v {
+                    println!(
+                        "{} by {} #{} {:?} {}",
+                        b.target,
+                        b.reporter,
+                        b.seq,
+                        b.reason,
+                        if b.enforced {
+                            "enforced"
+                        } else {
+                            "not enforced"
+                        }
+                    );
+                }
+            }
         }
     }
     Ok(0)

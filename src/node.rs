@@ -241,6 +241,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         process.clone(),
         limits.clone(),
         tracker.clone(),
+        mesh_slot.clone(),
     )
     .await?;
     coordinator_loops.push(("inference.background", inference.task));
@@ -267,6 +268,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
                 health.clone(),
                 process.clone(),
                 limits.clone(),
+                mesh_slot.clone(),
             ),
         ),
         ("ide", cfg.addr(&cfg.ide.listen), ide),

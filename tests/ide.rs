@@ -498,3 +498,88 @@ async fn the_official_openai_javascript_package_works() {
     );
     assert!(stdout.contains("all openai JS SDK checks passed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_for_a_model_only_a_peer_has_streams_from_that_peer() {
+    const FAST: [&str; 6] = [
+        "--set",
+        "mesh.probe_period=300ms",
+        "--set",
+        "mesh.suspect_timeout=1500ms",
+        "--set",
+        "mesh.sync_interval=1s",
+    ];
+    // A: no model at all.
+    let a = common::Node::start(&FAST);
+    let dir = a.dir.to_str().unwrap().to_string();
+    let out = std::process::Command::new(common::BIN)
+        .args(["apikey", "create", "--name", "t", "--data-dir", &dir])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let base = format!("{}/v1", a.url("ide"));
+    // C: the tiny model, joined to A.
+    let bootstrap = format!("mesh.bootstrap_urls=[\"{}\"]", a.coordinator());
+    let mut extra = FAST.to_vec();
+    extra.extend(["--set", &bootstrap]);
+    let c = ide_node(&extra).await;
+
+    // A offers C's model once C's capabilities arrive.
+    let mut listed = false;
+    for _ in 0..200 {
+        let v: serde_json::Value = http()
+            .get(format!("{base}/models"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "tiny")
+        {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed, "A lists the model its peer has");
+
+    let resp = http()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "model": "tiny",
+            "stream": true,
+            "max_tokens": 12,
+            "messages": [{"role": "user", "content": "write a function"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (frames, done) = sse(resp).await;
+    assert!(done, "the stream ends with [DONE]");
+    let text: String = frames
+        .iter()
+        .filter_map(|f| f["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.is_empty(), "{frames:?}");
+    assert!(frames.len() > 2, "streamed in pieces: {frames:?}");
+    // It ran on C (whose counter moves once A acknowledged the result).
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..100 {
+        stats = common::get_json(&format!("{}/mesh/stats", c.node.coordinator())).unwrap();
+        if stats["remote_succeeded"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats["claims_won"], 1, "{stats}");
+    assert_eq!(stats["remote_succeeded"], 1, "{stats}");
+}

@@ -455,3 +455,69 @@ fn a_busy_node_overflows_to_a_peer() {
     let r = rt.block_on(common::wait_result(&client, busy));
     assert_eq!(r.output.unwrap()["agent"], worker_key(&a));
 }
+
+#[test]
+fn a_blacklisted_node_is_cut_off_by_the_reporter_and_by_nodes_that_trust_it() {
+    let a = start("127.0.0.15", None);
+    let a_key = Identity::load(&a.dir.join("identity.key"))
+        .unwrap()
+        .key_id()
+        .to_string();
+    let trust = format!("mesh.trusted_reporters=[\"{a_key}\"]");
+    let bootstrap = format!("mesh.bootstrap_urls=[\"{}\"]", a.coordinator());
+    let mut args = vec!["--host", "127.0.0.16", "--set", &trust, "--set", &bootstrap];
+    args.extend_from_slice(FAST);
+    let b = Node::start(&args);
+    let c = start("127.0.0.17", Some(&a.coordinator()));
+    wait_until("all alive", Duration::from_secs(30), || {
+        all_alive(&[&a, &b, &c])
+    });
+    let c_key = Identity::load(&c.dir.join("identity.key"))
+        .unwrap()
+        .key_id()
+        .to_string();
+
+    let out = std::process::Command::new(BIN)
+        .args([
+            "mesh",
+            "blacklist",
+            &c_key,
+            "--reason",
+            "abuse",
+            "--evidence",
+            "flooded",
+        ])
+        .arg("--data-dir")
+        .arg(&a.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The record reaches B through gossip, signed by A and enforced there.
+    wait_until("b holds the record", Duration::from_secs(15), || {
+        let out = std::process::Command::new(BIN)
+            .args(["mesh", "blacklisted", "--json", "--data-dir"])
+            .arg(&b.dir)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|r| r["target"] == c_key && r["reporter"] == a_key && r["enforced"] == true)
+        })
+    });
+    // Both drop C's envelopes and stop counting it as alive.
+    let c_url = c.coordinator();
+    wait_until("a and b cut c off", Duration::from_secs(20), || {
+        [&a, &b].iter().all(|n| {
+            stats(n)["blacklisted"].as_u64().unwrap() > 0
+                && state_of(n, &c_url).as_deref() != Some("alive")
+        })
+    });
+    // A and B still see each other.
+    assert!(all_alive(&[&a, &b]));
+}

@@ -1,7 +1,8 @@
 //! The control plane (:4303, bound to 127.0.0.1): the admin API.
 //!
 //! # What it owns
-//! Today: IDE API key management (`POST /apikeys`, `GET /apikeys`, `DELETE /apikeys/{id}`) plus
+//! Today: IDE API key management (`POST /apikeys`, `GET /apikeys`, `DELETE /apikeys/{id}`), mesh
+//! blacklist records (`POST /mesh/blacklist`, `GET /mesh/blacklist`) plus
 //! `/health`, `/status` and `/metrics`. Manifests, approvals and the console arrive with the
 //! control-plane work (see the project's issues).
 //!
@@ -73,6 +74,48 @@ async fn revoke_key(State(keys): State<ApiKeys>, Path(id): Path<String>) -> Resp
     }
 }
 
+/// `POST /mesh/blacklist`.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlacklistRequest {
+    /// The node's key (base64url, as `/identity` and `/mesh/peers` show it).
+    pub target: String,
+    /// `bad_result`, `abuse` or `manual`.
+    pub reason: crate::mesh::wire::BlacklistReason,
+    /// The evidence (a message, a result, a note); only its SHA-256 is published.
+    #[serde(default)]
+    pub evidence: String,
+}
+
+async fn blacklist(
+    State(mesh): State<crate::mesh::service::MeshSlot>,
+    JsonBody(req): JsonBody<BlacklistRequest>,
+) -> Response {
+    let Some(m) = mesh.get() else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "mesh_disabled",
+            "this node takes no part in a mesh",
+        )
+        .into_response();
+    };
+    let target = match KeyId::parse(&req.target) {
+        Ok(k) => k,
+        Err(e) => return ApiError::bad_request(format!("target: {e}")).into_response(),
+    };
+    match m.blacklist(target, req.reason, req.evidence.as_bytes()) {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_blacklist(State(mesh): State<crate::mesh::service::MeshSlot>) -> Response {
+    match mesh.get() {
+        Some(m) => Json(m.blacklist_view()).into_response(),
+        None => Json(Vec::<serde_json::Value>::new()).into_response(),
+    }
+}
+
 /// Builds the control-plane router.
 #[allow(clippy::too_many_arguments)]
 pub fn router(
@@ -84,6 +127,7 @@ pub fn router(
     health: Arc<NodeHealth>,
     process: Arc<ProcessMetrics>,
     limits: Arc<RateLimits>,
+    mesh: crate::mesh::service::MeshSlot,
 ) -> Router {
     let verifier = Arc::new(Verifier::new(
         VerifierConfig {
@@ -103,6 +147,11 @@ pub fn router(
         .route("/apikeys", get(list_keys).post(create_key))
         .route("/apikeys/{id}", delete(revoke_key))
         .with_state(keys)
+        .merge(
+            Router::new()
+                .route("/mesh/blacklist", get(list_blacklist).post(blacklist))
+                .with_state(mesh),
+        )
         .layer(axum::middleware::from_fn_with_state(
             verifier,
             crate::security::authenticate,

@@ -64,6 +64,7 @@ pub struct Ctx {
     tracker: TaskTracker,
     task_timeout: std::time::Duration,
     metrics: Arc<IdeMetrics>,
+    mesh: crate::mesh::service::MeshSlot,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -159,6 +160,7 @@ pub async fn spawn(
     process: Arc<ProcessMetrics>,
     limits: Arc<RateLimits>,
     tracker: TaskTracker,
+    mesh: crate::mesh::service::MeshSlot,
 ) -> Result<Router, crate::store::StoreError> {
     if keys.is_empty() {
         let k = keys.create("default").await?;
@@ -195,6 +197,7 @@ pub async fn spawn(
         tracker,
         task_timeout: cfg.ide.task_timeout,
         metrics,
+        mesh,
     };
     let api = Router::new()
         .route("/v1/models", get(routes::models))

@@ -24,7 +24,8 @@ use crate::security::Principal;
 const SSE_BUFFER: usize = 64;
 
 impl Ctx {
-    /// Models a request can name: those live agents advertise, and the local store's.
+    /// Models a request can name: those live agents advertise, the local store's, and those
+    /// the mesh's live nodes advertise (such a request runs on a peer).
     async fn available(&self) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = self
             .state
@@ -35,6 +36,9 @@ impl Ctx {
             .collect();
         if let Ok(local) = self.inference.models().list() {
             names.extend(local.into_iter().map(|m| m.name));
+        }
+        if let Some(m) = self.mesh.get() {
+            names.extend(m.peer_models());
         }
         names
     }

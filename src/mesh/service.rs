@@ -34,7 +34,9 @@ use tokio_util::task::TaskTracker;
 
 use super::core::{Core, Event, PeerState, Tuning};
 use super::seal;
-use super::wire::{self, CapRecord, Message, Offer, PeerId, Record, WireError};
+use super::wire::{
+    self, BlacklistReason, BlacklistRecord, CapRecord, Message, Offer, PeerId, Record, WireError,
+};
 use crate::client::{ClientError, CoordinatorClient};
 use crate::config::MeshConfig;
 use crate::coordinator::model::{
@@ -49,6 +51,7 @@ use crate::http::ApiError;
 use crate::identity::{Identity, KeyId};
 use crate::security::ratelimit::RateLimits;
 use crate::security::{Principal, Role};
+use sha2::Digest;
 
 /// Envelopes in flight to peers at once; beyond it new sends are dropped (and counted), as a
 /// full UDP socket buffer would drop them. SWIM tolerates loss by design.
@@ -216,6 +219,39 @@ impl CapsView {
             free_slots: c.free_slots,
             load_pct: c.load_pct,
             price: c.price,
+        }
+    }
+}
+
+/// A blacklist record as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlacklistView {
+    /// Who reported it (node key).
+    pub reporter: String,
+    /// Position in the reporter's chain.
+    pub seq: u64,
+    /// The blacklisted node's key.
+    pub target: String,
+    /// Why.
+    pub reason: BlacklistReason,
+    /// SHA-256 of the evidence, hex.
+    pub evidence_sha256: String,
+    /// When (ms since the epoch).
+    pub issued_ms: u64,
+    /// Whether this node drops the target's messages (the reporter is trusted).
+    pub enforced: bool,
+}
+
+impl BlacklistView {
+    fn of(b: &BlacklistRecord, enforced: bool) -> Self {
+        BlacklistView {
+            reporter: b.reporter.to_string(),
+            seq: b.seq,
+            target: b.target.to_string(),
+            reason: b.reason,
+            evidence_sha256: b.evidence.iter().map(|x| format!("{x:02x}")).collect(),
+            issued_ms: b.issued_ms,
+            enforced,
         }
     }
 }
@@ -483,6 +519,10 @@ impl Mesh {
         self.act(out);
     }
 
+    fn evict(&self, key: KeyId) {
+        self.with_core(|c| c.evict(&key));
+    }
+
     fn timer_fired(&self, timer: foca::Timer<PeerId>) {
         self.with_core(|c| c.handle_timer(timer));
     }
@@ -514,7 +554,11 @@ impl Mesh {
                     tracing::warn!("mesh declared this node dead; rejoined under a new generation");
                 }
                 Event::Record(Record::Blacklist(b)) => {
-                    tracing::warn!(target = %node_id(&b.target), reporter = %node_id(&b.reporter), reason = ?b.reason, "mesh.blacklist record");
+                    let enforced = lock(&self.0.core).with_records(|r| r.is_listed(&b.target));
+                    tracing::warn!(target = %node_id(&b.target), reporter = %node_id(&b.reporter), reason = ?b.reason, enforced, "mesh.blacklist record");
+                    if enforced {
+                        self.evict(b.target);
+                    }
                 }
                 Event::Offer { from, offer } => {
                     self.0
@@ -890,6 +934,53 @@ impl Mesh {
     ) -> Result<serde_json::Value, ApiError> {
         seal::open_json(self.0.identity.x25519_secret(), aad, v)
             .map_err(|e| ApiError::bad_request(format!("sealed data: {e}")))
+    }
+
+    /// Publishes a blacklist record against `target` (signed by this node, chained to its
+    /// previous records), stops talking to it, and returns the record as the API shows it.
+    ///
+    /// # Errors
+    /// The target is this node.
+    pub fn blacklist(
+        &self,
+        target: KeyId,
+        reason: BlacklistReason,
+        evidence: &[u8],
+    ) -> Result<BlacklistView, ApiError> {
+        let me = self.0.identity.key_id();
+        if target == me {
+            return Err(ApiError::bad_request("a node cannot blacklist itself"));
+        }
+        let now = crate::clock::now_ms();
+        let mut rec = None;
+        self.with_core(|c| {
+            let (seq, prev) = c.with_records(|r| r.chain_head(&me));
+            let r = BlacklistRecord {
+                reporter: me,
+                seq: seq + 1,
+                prev,
+                target,
+                reason,
+                evidence: sha2::Sha256::digest(evidence).into(),
+                issued_ms: now,
+            };
+            c.publish(Record::Blacklist(r.clone()));
+            c.evict(&target);
+            rec = Some(r);
+        });
+        tracing::warn!(target = %node_id(&target), ?reason, "mesh.blacklist published");
+        rec.map(|r| BlacklistView::of(&r, true))
+            .ok_or_else(|| ApiError::bad_request("not recorded"))
+    }
+
+    /// Every blacklist record held, and whether this node enforces it.
+    pub fn blacklist_view(&self) -> Vec<BlacklistView> {
+        let core = lock(&self.0.core);
+        core.with_records(|r| {
+            r.blacklist()
+                .map(|b| BlacklistView::of(b, r.is_listed(&b.target)))
+                .collect()
+        })
     }
 
     /// Models the mesh's other live nodes advertise.

@@ -71,6 +71,11 @@ pub enum Observed {
         /// The peer (index).
         peer: usize,
     },
+    /// `node` was declared dead by the cluster and rejoined under a new generation.
+    Rejoined {
+        /// The node.
+        node: usize,
+    },
     /// `node` learned a capability record of `author` with `seq`.
     Caps {
         /// Observer.
@@ -98,6 +103,8 @@ pub struct Sim {
     pub messages: u64,
     /// Messages lost.
     pub lost: u64,
+    /// Messages and bytes sent, by message kind.
+    pub by_kind: std::collections::BTreeMap<&'static str, (u64, u64)>,
     /// Observations, in time order: (ms, what).
     pub observed: Vec<(u64, Observed)>,
     deferred: Vec<(u64, Deferred)>,
@@ -130,6 +137,7 @@ impl Sim {
             bytes_sent: vec![0; cfg.nodes],
             messages: 0,
             lost: 0,
+            by_kind: Default::default(),
             observed: Vec::new(),
             deferred: Vec::new(),
             rng: SmallRng::seed_from_u64(cfg.seed ^ 1),
@@ -196,6 +204,9 @@ impl Sim {
             let size =
                 postcard::experimental::serialized_size(&msg).unwrap_or(0) + ENVELOPE_OVERHEAD;
             self.bytes_sent[i] += size as u64;
+            let e = self.by_kind.entry(msg.kind_name()).or_default();
+            e.0 += 1;
+            e.1 += size as u64;
             self.messages += 1;
             let Some(&j) = self.index.get(&to.key) else {
                 continue;
@@ -242,6 +253,10 @@ impl Sim {
                             },
                         ));
                     }
+                }
+                Event::Rejoined => {
+                    self.observed
+                        .push((self.now, Observed::Rejoined { node: i }));
                 }
                 _ => {}
             }

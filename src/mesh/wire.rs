@@ -452,6 +452,27 @@ pub enum Message {
     Records(Vec<SignedRecord>),
     /// A task offer.
     Offer(Offer),
+    /// "I hold your identity of this generation as dead": the receiver rejoins under a newer
+    /// generation (after a partition both sides otherwise ignore each other for good).
+    YouAreDown {
+        /// The generation the sender holds as dead.
+        generation: u64,
+    },
+}
+
+impl Message {
+    /// A short name of the kind (for counters).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Message::Swim(_) => "swim",
+            Message::SyncHello { .. } => "sync_hello",
+            Message::SyncDigest(_) => "sync_digest",
+            Message::SyncWant(_) => "sync_want",
+            Message::Records(_) => "records",
+            Message::Offer(_) => "offer",
+            Message::YouAreDown { .. } => "you_are_down",
+        }
+    }
 }
 
 /// What is signed: sender, time, nonce and the message.
