@@ -96,8 +96,17 @@ fn health_operational(addr: std::net::SocketAddr) -> bool {
 
 /// Spawns a node and measures the time until `/health` reports it fully operational.
 fn start_timed(exe: &Path, dir: &Path, keep_dir: bool) -> anyhow::Result<(BenchNode, Duration)> {
+    start_with(exe, dir, keep_dir, &[])
+}
+
+fn start_with(
+    exe: &Path,
+    dir: &Path,
+    keep_dir: bool,
+    extra: &[&str],
+) -> anyhow::Result<(BenchNode, Duration)> {
     let started = Instant::now();
-    let child = spawn_node(exe, dir, &[])?;
+    let child = spawn_node(exe, dir, extra)?;
     let pid = child.id();
     let mut node = None;
     while started.elapsed() < Duration::from_secs(30) {
@@ -359,5 +368,146 @@ async fn throughput_one(
         tokio::task::spawn_blocking(move || stop(node)).await??;
         let _ = std::fs::remove_dir_all(&dir);
     }
+    Ok(())
+}
+
+/// Added latency of a task run on a mesh peer: three real nodes on this machine. A has no
+/// worker, so each probe submitted there is offered to B and C, claimed by one of them, run by
+/// its worker and reported back; the baseline is the same probe submitted to B and run by its
+/// own worker. `POST /tasks?wait=` per task, one at a time, the two kinds alternated.
+///
+/// # Errors
+/// A node that does not start, a mesh that does not form, a probe that fails.
+pub async fn mesh(exe: &Path, tasks: usize) -> anyhow::Result<()> {
+    let fast = [
+        "--set",
+        "mesh.probe_period=\"500ms\"",
+        "--set",
+        "mesh.sync_interval=\"2s\"",
+    ];
+    let exe = exe.to_path_buf();
+    let dir_a = scratch_dir("mesh-a");
+    let (e, d) = (exe.clone(), dir_a.clone());
+    let (a, _) = tokio::task::spawn_blocking(move || {
+        let mut args = fast.to_vec();
+        args.extend(["--set", "worker.enabled=false"]);
+        start_with(&e, &d, false, &args)
+    })
+    .await??;
+    let a_url = format!("http://{}", a.info.coordinator);
+    let mut peers = Vec::new();
+    for tag in ["mesh-b", "mesh-c"] {
+        let dir = scratch_dir(tag);
+        let (e, d, a_url) = (exe.clone(), dir.clone(), a_url.clone());
+        let (n, _) = tokio::task::spawn_blocking(move || {
+            let bootstrap = format!("mesh.bootstrap_urls=[\"{a_url}\"]");
+            let mut args = fast.to_vec();
+            args.extend(["--set", bootstrap.as_str()]);
+            start_with(&e, &d, false, &args)
+        })
+        .await??;
+        peers.push((n, dir));
+    }
+    let http = crate::http::client_builder().build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let caps: Vec<crate::mesh::service::CapsView> = http
+            .get(format!("{a_url}/mesh/capabilities"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if caps.iter().filter(|c| c.free_slots > 0).count() >= 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the three nodes did not form a mesh within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a_client = CoordinatorClient::new(
+        &a_url,
+        Arc::new(Identity::load(&dir_a.join("identity.key"))?),
+    )?;
+    let b_dir = &peers[0].1;
+    let b_client = CoordinatorClient::new(
+        &format!("http://{}", peers[0].0.info.coordinator),
+        Arc::new(Identity::load(&b_dir.join("identity.key"))?),
+    )?;
+    let req = SubmitTask {
+        kind: TaskKind::Probe,
+        payload: serde_json::json!({"echo": 1}),
+        requirements: Requirements::default(),
+        priority: 0,
+        timeout: None,
+        max_attempts: None,
+        idempotency_key: None,
+    };
+    let run = |c: &CoordinatorClient| {
+        let c = c.clone();
+        let req = req.clone();
+        async move {
+            let t0 = Instant::now();
+            let task: TaskView = c.post("/tasks?wait=30s", &req).await?;
+            let state = task.result.map(|r| r.state);
+            if state != Some(crate::coordinator::model::TaskState::Succeeded) {
+                bail!("probe ended {state:?}");
+            }
+            Ok::<_, anyhow::Error>(t0.elapsed())
+        }
+    };
+    // Warm up both paths (connections, sessions with the origin).
+    for _ in 0..10 {
+        run(&a_client).await?;
+        run(&b_client).await?;
+    }
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..tasks {
+        local.push(run(&b_client).await?);
+        remote.push(run(&a_client).await?);
+    }
+    local.sort();
+    remote.sort();
+    let p = |v: &[Duration], q| percentile(v, q);
+    println!(
+        "probe run locally (submitted to B, B's worker):   p50 {}  p99 {}  ({tasks} tasks)",
+        ms(p(&local, 0.5)),
+        ms(p(&local, 0.99))
+    );
+    println!(
+        "probe run on a peer (submitted to A, no worker):  p50 {}  p99 {}  ({tasks} tasks)",
+        ms(p(&remote, 0.5)),
+        ms(p(&remote, 0.99))
+    );
+    println!(
+        "added by the mesh: p50 +{}  p99 +{}",
+        ms(p(&remote, 0.5).saturating_sub(p(&local, 0.5))),
+        ms(p(&remote, 0.99).saturating_sub(p(&local, 0.99)))
+    );
+    let stats: Vec<crate::mesh::service::MeshStats> = {
+        let mut v = Vec::new();
+        for (n, _) in &peers {
+            v.push(
+                http.get(format!("http://{}/mesh/stats", n.info.coordinator))
+                    .send()
+                    .await?
+                    .json()
+                    .await?,
+            );
+        }
+        v
+    };
+    println!(
+        "claims won by B and C: {} and {}; lost races: {}",
+        stats[0].claims_won,
+        stats[1].claims_won,
+        stats[0].claims_lost + stats[1].claims_lost
+    );
+    drop(a);
+    for (n, d) in peers {
+        drop(n);
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let _ = std::fs::remove_dir_all(dir_a);
     Ok(())
 }

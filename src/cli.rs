@@ -177,6 +177,12 @@ pub enum BenchCmd {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         warmup: Duration,
     },
+    /// Added latency of a probe run on a mesh peer vs locally (three real nodes).
+    Mesh {
+        /// Tasks of each kind.
+        #[arg(long, default_value_t = 300)]
+        tasks: usize,
+    },
 }
 
 /// `edgecoder worker`.

@@ -115,6 +115,9 @@ fn main() -> ExitCode {
                         duration,
                         warmup,
                     } => edgecoder::bench::throughput(&exe, &clients, duration, warmup).await?,
+                    edgecoder::cli::BenchCmd::Mesh { tasks } => {
+                        edgecoder::bench::mesh(&exe, tasks).await?
+                    }
                 }
                 Ok(0)
             }

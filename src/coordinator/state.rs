@@ -1313,6 +1313,12 @@ impl CoordinatorState {
         }
     }
 
+    /// Resolves at the next submission or requeue (register by polling it before checking the
+    /// queue, as with any `Notify`).
+    pub fn work_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.work.notified()
+    }
+
     /// Queued tasks worth offering to mesh peers: those no live agent of this node (`own`
     /// decides which agents count) can run, and those that waited `offer_after` for a free
     /// one. Tasks this node runs for other nodes (idempotency key `mesh:`) are never offered on.

@@ -46,8 +46,12 @@ impl Records {
     }
 
     /// Verifies and stores a record if it is new.
+    ///
+    /// A record that is not news (an older or equal version, a chain position already held) is
+    /// answered `Known` without checking its signature: gossip delivers every record many
+    /// times, and only a record that would be stored needs the (costly) verification.
     pub fn accept(&mut self, sr: &SignedRecord) -> Accepted {
-        let record = match sr.open() {
+        let record = match sr.peek() {
             Ok(r) => r,
             Err(e) => return Accepted::Invalid(e),
         };
@@ -60,19 +64,31 @@ impl Records {
                 {
                     return Accepted::Known;
                 }
+                if let Err(e) = sr.verify(&record) {
+                    return Accepted::Invalid(e);
+                }
                 self.caps.insert(c.node, (sr.clone(), c.clone()));
             }
             Record::Blacklist(b) => {
-                let chain = self.chains.entry(b.reporter).or_default();
-                let head = chain.len() as u64;
+                let head = self.chains.get(&b.reporter).map_or(0, |c| c.len() as u64);
                 if b.seq <= head {
                     return Accepted::Known;
                 }
-                let prev = chain.last().map_or([0u8; 32], |(s, _)| s.body_hash());
+                let prev = self
+                    .chains
+                    .get(&b.reporter)
+                    .and_then(|c| c.last())
+                    .map_or([0u8; 32], |(s, _)| s.body_hash());
                 if b.seq != head + 1 || b.prev != prev {
                     return Accepted::OutOfOrder;
                 }
-                chain.push((sr.clone(), b.clone()));
+                if let Err(e) = sr.verify(&record) {
+                    return Accepted::Invalid(e);
+                }
+                self.chains
+                    .entry(b.reporter)
+                    .or_default()
+                    .push((sr.clone(), b.clone()));
                 if self.trusted.contains(&b.reporter) {
                     self.listed.insert(b.target);
                 }

@@ -861,13 +861,18 @@ const OFFER_TTL_MS: u64 = 10_000;
 /// whose lease expired).
 const REOFFER_AFTER_MS: u64 = 3_000;
 
-/// Unit of the claim delay: an idle, exactly fitting peer claims after 0..1 of it, a loaded or
-/// oversized one later.
+/// Unit of the claim delay: a fully loaded peer waits 4 units more than an idle one, a peer
+/// two resource classes above what the task needs one unit more.
 const CLAIM_UNIT_MS: f64 = 20.0;
+
+/// Random spread added to every claim delay so that equal peers do not claim in lockstep (the
+/// losers only get an empty answer, so this can be small).
+const CLAIM_JITTER_MS: f64 = 4.0;
 
 /// The delay before claiming an offer: grows with this node's load, and with how far its
 /// resource class exceeds what the task needs (big nodes leave small tasks to small ones);
-/// jittered so that equal peers do not claim in lockstep.
+/// jittered so that equal peers do not claim in lockstep. An idle, exactly fitting peer
+/// claims within `CLAIM_JITTER_MS`.
 pub fn claim_delay(caps: &CapRecord, min_class: Option<ResourceClass>, jitter: f64) -> Duration {
     let load = if caps.slots == 0 {
         1.0
@@ -876,7 +881,7 @@ pub fn claim_delay(caps: &CapRecord, min_class: Option<ResourceClass>, jitter: f
     };
     let surplus = caps.resource_class as u8 as f64 - min_class.unwrap_or_default() as u8 as f64;
     let ms = CLAIM_UNIT_MS * ((1.0 + 4.0 * load) * (1.0 + 0.5 * surplus.max(0.0)) - 1.0)
-        + CLAIM_UNIT_MS * jitter.clamp(0.0, 1.0);
+        + CLAIM_JITTER_MS * jitter.clamp(0.0, 1.0);
     Duration::from_micros((ms.max(0.0) * 1000.0) as u64)
 }
 
@@ -999,12 +1004,23 @@ impl Mesh {
     async fn placement_loop(self) {
         let mut t = tokio::time::interval(PLACEMENT_TICK);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let state = self.0.state.clone();
         loop {
+            // A submission wakes the loop at once (tasks no local agent can run are offered
+            // without delay); the tick catches the rest (tasks that waited offer_after,
+            // requeues, peers that appeared).
+            let work = state.work_notified();
+            tokio::pin!(work);
+            work.as_mut().enable();
+            self.place();
             tokio::select! {
                 _ = t.tick() => {}
+                _ = &mut work => {
+                    // Let the submission's commit (and any right behind it) land first.
+                    tokio::task::yield_now().await;
+                }
                 _ = self.0.token.cancelled() => return,
             }
-            self.place();
         }
     }
 
@@ -1468,6 +1484,52 @@ fn not_running() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caps(slots: u32, free: u32, class: ResourceClass) -> CapRecord {
+        CapRecord {
+            node: KeyId([0; 32]),
+            seq: 1,
+            issued_ms: 0,
+            url: "http://10.0.0.1:4301".into(),
+            x25519: [0; 32],
+            kinds: vec![TaskKind::Probe],
+            models: vec![],
+            resource_class: class,
+            slots,
+            free_slots: free,
+            load_pct: 0,
+            price: 0,
+        }
+    }
+
+    #[test]
+    fn the_claim_delay_grows_with_load_and_surplus_and_shrinks_with_fitness() {
+        let idle = claim_delay(
+            &caps(4, 4, ResourceClass::Small),
+            Some(ResourceClass::Small),
+            0.0,
+        );
+        let half = claim_delay(
+            &caps(4, 2, ResourceClass::Small),
+            Some(ResourceClass::Small),
+            0.0,
+        );
+        let full = claim_delay(
+            &caps(4, 0, ResourceClass::Small),
+            Some(ResourceClass::Small),
+            0.0,
+        );
+        let big = claim_delay(
+            &caps(4, 4, ResourceClass::Large),
+            Some(ResourceClass::Small),
+            0.0,
+        );
+        assert_eq!(idle, Duration::ZERO, "an idle, fitting peer claims at once");
+        assert!(idle < half && half < full, "{idle:?} {half:?} {full:?}");
+        assert!(big > idle, "a bigger node leaves the task to a fitting one");
+        let jittered = claim_delay(&caps(4, 4, ResourceClass::Tiny), None, 1.0);
+        assert!(jittered <= Duration::from_millis(CLAIM_JITTER_MS as u64));
+    }
 
     #[test]
     fn nonces_refuse_a_second_delivery_and_forget_after_the_window() {

@@ -387,13 +387,33 @@ impl SignedRecord {
     /// # Errors
     /// Malformed, invalid, or a signature that is not its author's.
     pub fn open(&self) -> Result<Record, WireError> {
+        let record = self.peek()?;
+        self.verify(&record)?;
+        Ok(record)
+    }
+
+    /// Decodes and checks the record without verifying its signature: enough to tell whether
+    /// it is news. Anything stored or acted on must pass [`SignedRecord::verify`] first.
+    ///
+    /// # Errors
+    /// Malformed or invalid.
+    pub fn peek(&self) -> Result<Record, WireError> {
         let record: Record =
             postcard::from_bytes(&self.body).map_err(|e| WireError::Malformed(e.to_string()))?;
         record.check().map_err(WireError::Invalid)?;
-        if !verify(&record.author(), DOMAIN_RECORD, &self.body, &self.sig) {
-            return Err(WireError::BadSignature);
-        }
         Ok(record)
+    }
+
+    /// Verifies the author's signature over the body (`record` is this body, peeked).
+    ///
+    /// # Errors
+    /// [`WireError::BadSignature`].
+    pub fn verify(&self, record: &Record) -> Result<(), WireError> {
+        if verify(&record.author(), DOMAIN_RECORD, &self.body, &self.sig) {
+            Ok(())
+        } else {
+            Err(WireError::BadSignature)
+        }
     }
 
     /// SHA-256 of the body (blacklist chains link by it).
