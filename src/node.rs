@@ -310,6 +310,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             url,
             coordinator.state.clone(),
             cfg.worker.heartbeat_interval,
+            cfg.coordinator.agent_keys.clone(),
             tracker.clone(),
             services.clone(),
         )

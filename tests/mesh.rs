@@ -521,3 +521,47 @@ fn a_blacklisted_node_is_cut_off_by_the_reporter_and_by_nodes_that_trust_it() {
     // A and B still see each other.
     assert!(all_alive(&[&a, &b]));
 }
+
+#[test]
+fn a_peer_claims_only_what_it_was_offered() {
+    let a = start("127.0.0.18", None);
+    let b = start("127.0.0.19", Some(&a.coordinator()));
+    wait_until("a and b see each other", Duration::from_secs(20), || {
+        all_alive(&[&a, &b])
+    });
+    let rt = runtime();
+    // B's key is a live member, so A lets it register as an agent...
+    let b_id = std::sync::Arc::new(Identity::load(&b.dir.join("identity.key")).unwrap());
+    let as_b = edgecoder::client::CoordinatorClient::new(&a.coordinator(), b_id).unwrap();
+    let reg: edgecoder::coordinator::model::Registered = rt
+        .block_on(as_b.post(
+            "/agents/register",
+            &serde_json::json!({"capabilities": {"kinds": ["probe"], "slots": 4}}),
+        ))
+        .unwrap();
+    // ...but not drain A's queue: no general claims, no claims of tasks not offered to it.
+    let queued = rt.block_on(common::submit_probe(
+        &a.client(),
+        serde_json::json!({"busy": "1s"}),
+    ));
+    for body in [
+        serde_json::json!({"session": reg.session, "max": 4}),
+        serde_json::json!({"session": reg.session, "max": 1, "task": queued.to_string()}),
+    ] {
+        let err = rt
+            .block_on(as_b.post::<_, serde_json::Value>("/agents/claim", &body))
+            .unwrap_err();
+        assert_eq!(err.code(), Some("not_offered"), "{err}");
+    }
+    // A stranger's key is not an agent at all.
+    let stranger = std::sync::Arc::new(Identity::generate());
+    let as_stranger =
+        edgecoder::client::CoordinatorClient::new(&a.coordinator(), stranger).unwrap();
+    let err = rt
+        .block_on(as_stranger.post::<_, serde_json::Value>(
+            "/agents/register",
+            &serde_json::json!({"capabilities": {"kinds": ["probe"], "slots": 4}}),
+        ))
+        .unwrap_err();
+    assert_eq!(err.code(), Some("unknown_key"), "{err}");
+}

@@ -322,13 +322,35 @@ pub async fn claim(
     JsonBody(req): JsonBody<Claim>,
 ) -> Result<Json<ClaimReply>, Response> {
     let wait = parse_wait(q.wait.as_deref()).map_err(IntoResponse::into_response)?;
+    // A mesh peer claims only a task this node offered to it, one at a time, and only once its
+    // capability record (and so the key its payload is sealed to) is known.
+    let peer = ctx.mesh.get().filter(|m| m.is_peer(&p.key));
+    if let Some(mesh) = peer {
+        let offered = req.task.is_some_and(|id| mesh.was_offered(&p.key, id));
+        if !offered || req.max != 1 {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_offered",
+                "a mesh peer claims only a task offered to it, with max 1",
+            )
+            .into_response());
+        }
+        if !mesh.has_caps(&p.key) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "peer_unknown",
+                "no capability record (and so no encryption key) for this peer yet",
+            )
+            .into_response());
+        }
+    }
     let mut reply = ctx
         .state
         .claim(&p, &req, wait)
         .await
         .map_err(IntoResponse::into_response)?;
     // A mesh peer gets each payload sealed to its X25519 key.
-    if let Some(mesh) = ctx.mesh.get().filter(|m| m.is_peer(&p.key)) {
+    if let Some(mesh) = peer {
         for t in &mut reply.tasks {
             t.payload = mesh
                 .seal_for(

@@ -1321,19 +1321,21 @@ impl CoordinatorState {
 
     /// Queued tasks worth offering to mesh peers: those no live agent of this node (`own`
     /// decides which agents count) can run, and those that waited `offer_after` for a free
-    /// one. Tasks this node runs for other nodes (idempotency key `mesh:`) are never offered on.
+    /// one. Tasks this node runs for other nodes (idempotency key `mesh:`) are never offered on,
+    /// nor those `skip` rejects (filtered before `limit` applies, so they cannot starve others).
     pub fn offerable(
         &self,
         now: u64,
         offer_after_ms: u64,
-        own: impl Fn(&KeyId) -> bool,
+        own: impl Fn(&KeyId, bool) -> bool,
+        skip: impl Fn(&TaskRecord) -> bool,
         limit: usize,
     ) -> Vec<TaskRecord> {
         let core = self.lock();
         let caps: Vec<&Capabilities> = core
             .agents
             .values()
-            .filter(|e| own(&e.record.key))
+            .filter(|e| own(&e.record.key, e.record.local))
             .map(|e| &e.record.capabilities)
             .collect();
         let mut v: Vec<TaskRecord> = core
@@ -1349,6 +1351,7 @@ impl CoordinatorState {
                 !caps.iter().any(|c| c.matches(r.kind, &r.requirements))
                     || now.saturating_sub(r.updated_ms) >= offer_after_ms
             })
+            .filter(|r| !skip(r))
             .cloned()
             .collect();
         v.sort_by_key(|r| r.id);

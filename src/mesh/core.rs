@@ -24,6 +24,9 @@ use crate::identity::{Identity, KeyId};
 /// anything it did not reach).
 pub const MAX_HOPS: u8 = 12;
 
+/// Most record bytes sent in one anti-entropy answer (envelopes are capped at 64 KiB by default).
+pub const MAX_SYNC_BYTES: usize = 32 * 1024;
+
 /// While a node knows no active member it re-announces itself to its seeds this often.
 pub const JOIN_RETRY: Duration = Duration::from_secs(2);
 
@@ -152,6 +155,8 @@ pub struct CoreStats {
     pub blacklisted_dropped: u64,
     /// Anti-entropy rounds started.
     pub syncs: u64,
+    /// Messages other than SWIM dropped because their sender is not an active member.
+    pub not_member: u64,
 }
 
 /// A broadcast item's identity for foca's backlog: a newer version of the same record replaces
@@ -307,6 +312,7 @@ pub struct Core {
     seeds: Vec<PeerId>,
     next_retry_ms: u64,
     told_down: HashMap<KeyId, u64>,
+    last_rejoin_ms: u64,
 }
 
 impl std::fmt::Debug for Core {
@@ -355,6 +361,7 @@ impl Core {
             seeds: Vec::new(),
             next_retry_ms: 0,
             told_down: HashMap::new(),
+            last_rejoin_ms: 0,
         }
     }
 
@@ -489,9 +496,33 @@ impl Core {
             self.stats.blacklisted_dropped += 1;
             return;
         }
+        // Everything but SWIM (how a node joins) and the notice that it is dead comes from
+        // active members only: no records, digests or offers from strangers.
+        let member = self.member(&from).is_some();
+        if !member && !matches!(msg, Message::Swim(_) | Message::YouAreDown { .. }) {
+            self.stats.not_member += 1;
+            return;
+        }
+        if self.last_seen.len() > 4 * self.foca.num_members() + 64 {
+            let keys: std::collections::HashSet<KeyId> = self
+                .foca
+                .iter_membership_state()
+                .map(|m| m.id().key)
+                .collect();
+            self.last_seen.retain(|k, _| keys.contains(k));
+        }
         self.last_seen.insert(from, now_ms);
         match msg {
             Message::Swim(data) => {
+                // The packet's source identity must be the envelope's signer: nobody speaks
+                // (acks, refutes, gossips as the source) for another member.
+                match postcard::take_from_bytes::<PeerId>(&data) {
+                    Ok((src, _)) if src.key == from => {}
+                    _ => {
+                        self.stats.swim_rejected += 1;
+                        return;
+                    }
+                }
                 self.tell_if_down(from, now_ms);
                 let mut rt = Rt::default();
                 if self.foca.handle_data(&data, &mut rt).is_err() {
@@ -522,9 +553,16 @@ impl Core {
             Message::SyncWant(want) => {
                 let records: Vec<SignedRecord> = {
                     let s = lock(&self.shared);
+                    let mut bytes = 0;
                     want.iter()
                         .take(4096)
                         .flat_map(|(k, a)| s.records.newer_than(*k, a, 0))
+                        // Stay well inside the receiver's envelope limit; the rest follows in
+                        // the next anti-entropy round.
+                        .take_while(|r| {
+                            bytes += r.body.len() + 70;
+                            bytes <= MAX_SYNC_BYTES
+                        })
                         .collect()
                 };
                 if !records.is_empty()
@@ -548,7 +586,11 @@ impl Core {
             }
             Message::Offer(offer) => self.out.events.push(Event::Offer { from, offer }),
             Message::YouAreDown { generation } => {
-                if generation == self.me().generation {
+                // At most one rejoin per suspicion timeout, whoever asks.
+                let quiet =
+                    now_ms >= self.last_rejoin_ms + self.tuning.suspect_timeout.as_millis() as u64;
+                if generation == self.me().generation && quiet {
+                    self.last_rejoin_ms = now_ms;
                     self.rejoin();
                     // Announce the new identity to the teller too: it may be on the other
                     // side of a healed partition, which this node holds as dead.
@@ -656,6 +698,13 @@ impl Core {
                 incarnation: m.incarnation(),
             })
             .collect()
+    }
+
+    /// Whether `key` is a member in any state (dead ones until forgotten).
+    pub fn knows(&self, key: &KeyId) -> bool {
+        self.foca
+            .iter_membership_state()
+            .any(|m| m.id().key == *key)
     }
 
     /// Active members (alive or suspect).

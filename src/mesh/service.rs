@@ -49,7 +49,6 @@ use crate::coordinator::state::CoordinatorState;
 use crate::coordinator::state::{CursorItem, EventCursor, MESH_KEY_PREFIX, ResultWait};
 use crate::http::ApiError;
 use crate::identity::{Identity, KeyId};
-use crate::security::ratelimit::RateLimits;
 use crate::security::{Principal, Role};
 use sha2::Digest;
 
@@ -268,21 +267,25 @@ struct Nonces {
 }
 
 impl Nonces {
-    /// False when the pair was seen (a replay). `expires` is when it may be forgotten.
-    fn insert(&mut self, key: KeyId, nonce: [u8; 16], now: u64, expires: u64) -> bool {
+    /// `Ok(false)` when the pair was seen (a replay); `Err` when the cache is full of unexpired
+    /// entries (refusing is safer than forgetting). `expires` is when it may be forgotten.
+    fn insert(&mut self, key: KeyId, nonce: [u8; 16], now: u64, expires: u64) -> Result<bool, ()> {
         while let Some(&(t, k, n)) = self.order.front() {
-            if t > now && self.order.len() < MAX_NONCES {
+            if t > now {
                 break;
             }
             self.order.pop_front();
             self.seen.remove(&(k, n));
         }
         if self.seen.contains_key(&(key, nonce)) {
-            return false;
+            return Ok(false);
+        }
+        if self.seen.len() >= MAX_NONCES {
+            return Err(());
         }
         self.seen.insert((key, nonce), expires);
         self.order.push_back((expires, key, nonce));
-        true
+        Ok(true)
     }
 }
 
@@ -293,17 +296,25 @@ struct Inner {
     boot_ms: u64,
     core: Mutex<Core>,
     client: reqwest::Client,
-    limits: RateLimits,
     nonces: Mutex<Nonces>,
     counters: Counters,
     inflight: Arc<Semaphore>,
     state: CoordinatorState,
     tracker: TaskTracker,
     token: CancellationToken,
-    /// Tasks offered to peers, and when they may be offered again.
-    offered: Mutex<HashMap<TaskId, u64>>,
-    /// Sessions held with origins this node runs tasks for.
-    origins: tokio::sync::Mutex<HashMap<String, Origin>>,
+    /// Tasks offered to peers: until when the offer stands (and the task is not offered
+    /// again), and to whom. Only those peers may claim it.
+    offered: Mutex<HashMap<TaskId, (u64, Vec<KeyId>)>>,
+    /// Sessions held with origins this node runs tasks for, one lock per origin (registration
+    /// is an HTTP round trip; other origins must not wait for it).
+    origins: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Origin>>>>>,
+    /// Origin tasks running here, per origin URL (sent when registering again, so that a new
+    /// session does not release their leases).
+    remote_running: Mutex<HashMap<String, HashMap<TaskId, u32>>>,
+    /// This node's own agents besides its worker (`coordinator.agent_keys`).
+    own_agents: Vec<KeyId>,
+    /// Per (address, claimed sender) limit, checked before any decoding.
+    sender_limits: crate::security::ratelimit::Limiter<(std::net::IpAddr, KeyId)>,
     /// Offers being considered or run here now.
     executing: Arc<Semaphore>,
     /// Task lease length and heartbeat period of this node (peers use the same defaults).
@@ -350,12 +361,14 @@ impl Mesh {
     ///
     /// # Errors
     /// The HTTP client could not be built.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         cfg: &MeshConfig,
         identity: Arc<Identity>,
         url: String,
         state: CoordinatorState,
         heartbeat: Duration,
+        own_agents: Vec<KeyId>,
         tracker: TaskTracker,
         token: CancellationToken,
     ) -> Result<Mesh, reqwest::Error> {
@@ -377,14 +390,12 @@ impl Mesh {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
-        let rate = cfg.per_peer_rate;
         let mesh = Mesh(Arc::new(Inner {
             identity,
             url,
             boot_ms: now,
             core: Mutex::new(core),
             client,
-            limits: RateLimits::new(u32::MAX, u32::MAX, rate, rate.saturating_mul(2)),
             nonces: Mutex::new(Nonces::default()),
             counters: Counters::default(),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
@@ -393,7 +404,13 @@ impl Mesh {
             token: token.clone(),
             cfg: cfg.clone(),
             offered: Mutex::new(HashMap::new()),
-            origins: tokio::sync::Mutex::new(HashMap::new()),
+            origins: Mutex::new(HashMap::new()),
+            remote_running: Mutex::new(HashMap::new()),
+            own_agents,
+            sender_limits: crate::security::ratelimit::Limiter::new(
+                cfg.per_peer_rate,
+                cfg.per_peer_rate.saturating_mul(2),
+            ),
             executing: Arc::new(Semaphore::new(MAX_EXECUTING)),
             heartbeat,
             pcounters: PlacementCounters::default(),
@@ -621,6 +638,7 @@ impl Mesh {
     }
 
     async fn tick_loop(self) {
+        let mut ticks = 0u64;
         let mut t = tokio::time::interval(Duration::from_secs(1));
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -630,6 +648,10 @@ impl Mesh {
             }
             let now = crate::clock::now_ms();
             self.with_core(|c| c.tick(now));
+            ticks += 1;
+            if ticks.is_multiple_of(60) {
+                self.0.sender_limits.retain_recent();
+            }
         }
     }
 
@@ -704,7 +726,7 @@ impl Mesh {
             .state
             .agents()
             .into_iter()
-            .filter(|a| a.live && !self.is_peer(&a.agent))
+            .filter(|a| a.live && self.is_own_agent(a))
         {
             for k in &a.capabilities.kinds {
                 if !caps.kinds.contains(k) {
@@ -753,7 +775,7 @@ impl Mesh {
     }
 
     /// Checks and delivers one envelope; the error is what the sender is told.
-    fn ingest(&self, env: &[u8]) -> Result<(), ApiError> {
+    fn ingest(&self, ip: std::net::IpAddr, env: &[u8]) -> Result<(), ApiError> {
         let c = &self.0.counters;
         let cfg = &self.0.cfg;
         let max = usize::try_from(cfg.max_envelope).unwrap_or(usize::MAX);
@@ -765,7 +787,9 @@ impl Mesh {
             c.malformed.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::bad_request("envelope too short"));
         };
-        if let Err(wait) = self.0.limits.check_key(&sender) {
+        // Keyed by address and claimed sender: the sender is not verified yet, so a spoofer
+        // elsewhere cannot use up an honest peer's allowance.
+        if let Err(wait) = self.0.sender_limits.check(&(ip, sender)) {
             c.rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -788,14 +812,6 @@ impl Mesh {
                 "envelope sent before this node started",
             ));
         }
-        if !lock(&self.0.nonces).insert(body.sender, body.nonce, now, body.sent_ms + window) {
-            c.replayed.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "replayed",
-                "this envelope was delivered before",
-            ));
-        }
         if !cfg.peer_keys.is_empty() && !cfg.peer_keys.contains(&body.sender) {
             c.not_allowed.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::new(
@@ -803,6 +819,25 @@ impl Mesh {
                 "not_allowed",
                 "sender is not in mesh.peer_keys",
             ));
+        }
+        match lock(&self.0.nonces).insert(body.sender, body.nonce, now, body.sent_ms + window) {
+            Ok(true) => {}
+            Ok(false) => {
+                c.replayed.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "replayed",
+                    "this envelope was delivered before",
+                ));
+            }
+            Err(()) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "replay cache full; retry shortly",
+                )
+                .retry_after(Duration::from_secs(1)));
+            }
         }
         if lock(&self.0.core).with_records(|r| r.is_listed(&body.sender)) {
             c.blacklisted.fetch_add(1, Ordering::Relaxed);
@@ -903,8 +938,32 @@ impl Mesh {
         {
             return false;
         }
+        // Any membership state: a peer suspected (or declared dead) while it runs a task may
+        // still report it; claims also need an offer made to it (`was_offered`).
         let core = lock(&self.0.core);
-        core.active().any(|p| p.key == *key) && !core.with_records(|r| r.is_listed(key))
+        core.knows(key) && !core.with_records(|r| r.is_listed(key))
+    }
+
+    /// Whether `task` was offered to `key` and the offer still stands.
+    pub fn was_offered(&self, key: &KeyId, task: TaskId) -> bool {
+        let now = crate::clock::now_ms();
+        lock(&self.0.offered)
+            .get(&task)
+            .is_some_and(|(reoffer_at, to)| {
+                // The latest offer was made at reoffer_at - REOFFER_AFTER_MS.
+                reoffer_at.saturating_sub(REOFFER_AFTER_MS) + OFFER_TTL_MS > now && to.contains(key)
+            })
+    }
+
+    /// Whether this node holds `key`'s capability record (and so its encryption key).
+    pub fn has_caps(&self, key: &KeyId) -> bool {
+        lock(&self.0.core).with_records(|r| r.caps_of(key).is_some())
+    }
+
+    /// Whether `key` is one of this node's own agents (its worker, `coordinator.agent_keys`)
+    /// rather than a mesh peer registered to run offered tasks.
+    fn is_own_agent(&self, a: &crate::coordinator::model::AgentView) -> bool {
+        a.local || self.0.own_agents.contains(&a.agent)
     }
 
     /// Seals a value to a peer's X25519 key (from its capability record).
@@ -1028,13 +1087,6 @@ impl Mesh {
     fn place(&self) {
         let now = crate::clock::now_ms();
         let offer_after = self.0.cfg.offer_after.as_millis() as u64;
-        let tasks = self
-            .0
-            .state
-            .offerable(now, offer_after, |k| !self.is_peer(k), 64);
-        if tasks.is_empty() {
-            return;
-        }
         let peers: Vec<(PeerId, CapRecord)> = {
             let core = lock(&self.0.core);
             core.active()
@@ -1054,21 +1106,34 @@ impl Mesh {
         if peers.is_empty() {
             return;
         }
+        let fits = |t: &crate::coordinator::model::TaskRecord, c: &CapRecord| {
+            c.free_slots > 0 && caps_of(c).matches(t.kind, &t.requirements)
+        };
+        let tasks = {
+            let offered = lock(&self.0.offered);
+            self.0.state.offerable(
+                now,
+                offer_after,
+                |k, local| local || self.0.own_agents.contains(k),
+                // Offered a moment ago, or nobody can take it: not this round.
+                |t| {
+                    offered.get(&t.id).is_some_and(|(u, _)| *u > now)
+                        || !peers.iter().any(|(_, c)| fits(t, c))
+                },
+                64,
+            )
+        };
+        if tasks.is_empty() {
+            return;
+        }
         let me_x = self.0.identity.x25519_public().to_bytes();
         let mut sends = Vec::new();
         {
             let mut offered = lock(&self.0.offered);
-            offered.retain(|_, until| *until + 60_000 > now);
+            offered.retain(|_, (until, _)| *until + 60_000 > now);
             for t in tasks {
-                if offered.get(&t.id).is_some_and(|u| *u > now) {
-                    continue;
-                }
-                let mut fit: Vec<&(PeerId, CapRecord)> = peers
-                    .iter()
-                    .filter(|(_, c)| {
-                        c.free_slots > 0 && caps_of(c).matches(t.kind, &t.requirements)
-                    })
-                    .collect();
+                let mut fit: Vec<&(PeerId, CapRecord)> =
+                    peers.iter().filter(|(_, c)| fits(&t, c)).collect();
                 if fit.is_empty() {
                     continue;
                 }
@@ -1082,10 +1147,14 @@ impl Mesh {
                     origin_x25519: me_x,
                     expires_ms: now + OFFER_TTL_MS,
                 };
+                let entry = offered.entry(t.id).or_insert((0, Vec::new()));
+                entry.0 = now + REOFFER_AFTER_MS;
                 for (p, _) in fit.into_iter().take(OFFER_FANOUT) {
+                    if !entry.1.contains(&p.key) {
+                        entry.1.push(p.key);
+                    }
                     sends.push((p.clone(), Message::Offer(offer.clone())));
                 }
-                offered.insert(t.id, now + REOFFER_AFTER_MS);
             }
         }
         for (p, m) in sends {
@@ -1105,8 +1174,11 @@ impl Mesh {
         let genuine = lock(&self.0.core)
             .active()
             .any(|p| p.key == from && p.url == offer.origin_url);
-        if !genuine {
-            tracing::debug!(origin = %offer.origin_url, "mesh.offer not from the origin's owner; ignored");
+        // Results are sealed to the key the origin published in its own signed capability
+        // record, never to one an offer names.
+        let origin_x = lock(&self.0.core).with_records(|r| r.caps_of(&from).map(|c| c.x25519));
+        if !genuine || origin_x != Some(offer.origin_x25519) {
+            tracing::debug!(origin = %offer.origin_url, "mesh.offer not from the origin's owner, or no capability record of it; ignored");
             return;
         }
         let req = Requirements {
@@ -1129,7 +1201,7 @@ impl Mesh {
         }
         let mut reply = None;
         for _ in 0..2 {
-            let origin = match self.origin(&offer.origin_url, &caps_of(&caps)).await {
+            let origin = match self.origin(&offer.origin_url, from, &caps_of(&caps)).await {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::debug!(origin = %offer.origin_url, error = %e, "mesh.claim cannot register with the origin");
@@ -1150,23 +1222,37 @@ impl Mesh {
                     reply = Some((origin, r));
                     break;
                 }
+                // A lapsed session (the origin restarted or reaped us): register again once,
+                // listing what runs here for it so that those leases survive.
+                Err(ClientError::Api { code, .. }) if code == "agent_not_registered" => {
+                    self.forget_origin(&offer.origin_url, origin.session);
+                }
                 Err(e) => {
-                    // A lapsed session (the origin restarted or reaped us): register again once.
                     tracing::debug!(origin = %offer.origin_url, error = %e, "mesh.claim failed");
-                    self.0.origins.lock().await.remove(&offer.origin_url);
+                    return;
                 }
             }
         }
         let Some((origin, reply)) = reply else {
             return;
         };
+        self.note_cancels(reply.cancel);
         let Some(task) = reply.tasks.into_iter().next() else {
             self.0.pcounters.claims_lost.fetch_add(1, Ordering::Relaxed);
             return;
         };
         self.0.pcounters.claims_won.fetch_add(1, Ordering::Relaxed);
         tracing::info!(task = %task.id, origin = %offer.origin_url, attempt = task.attempt, "mesh.claim won; running here");
+        let id = task.id;
+        lock(&self.0.remote_running)
+            .entry(offer.origin_url.clone())
+            .or_default()
+            .insert(id, task.attempt);
         let ok = self.run_remote(&origin, &offer, from, task).await;
+        if let Some(m) = lock(&self.0.remote_running).get_mut(&offer.origin_url) {
+            m.remove(&id);
+        }
+        lock(&self.0.cancelled).remove(&id);
         let c = if ok {
             &self.0.pcounters.remote_succeeded
         } else {
@@ -1175,19 +1261,53 @@ impl Mesh {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// This node's session with an origin, registering as its agent the first time.
-    async fn origin(&self, url: &str, caps: &Capabilities) -> anyhow::Result<Origin> {
-        let mut origins = self.0.origins.lock().await;
-        if let Some(o) = origins.get(url) {
+    /// This node's session with an origin, registering as its agent the first time. Before
+    /// registering, the URL must answer `/identity` with the offering member's key: an offer
+    /// cannot send this node to a third party.
+    async fn origin(&self, url: &str, owner: KeyId, caps: &Capabilities) -> anyhow::Result<Origin> {
+        let slot = lock(&self.0.origins)
+            .entry(url.to_string())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(o) = slot.as_ref() {
             return Ok(o.clone());
         }
+        #[derive(Deserialize)]
+        struct Ident {
+            ed25519: String,
+        }
+        let ident: Ident = self
+            .0
+            .client
+            .get(format!("{}/identity", url.trim_end_matches('/')))
+            .timeout(SEND_TIMEOUT)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if ident.ed25519 != owner.to_string() {
+            anyhow::bail!("{url} is not the node that offered the task");
+        }
         let client = Arc::new(CoordinatorClient::new(url, self.0.identity.clone())?);
+        let running: Vec<RunningTask> = lock(&self.0.remote_running)
+            .get(url)
+            .map(|m| {
+                m.iter()
+                    .map(|(task, attempt)| RunningTask {
+                        task: *task,
+                        attempt: *attempt,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let reg: Registered = client
             .post(
                 "/agents/register",
                 &RegisterAgent {
                     capabilities: caps.clone(),
-                    running: Vec::new(),
+                    running,
                 },
             )
             .await?;
@@ -1195,8 +1315,32 @@ impl Mesh {
             client,
             session: reg.session,
         };
-        origins.insert(url.to_string(), o.clone());
+        *slot = Some(o.clone());
         Ok(o)
+    }
+
+    /// Drops a session the origin no longer knows (if it is still the cached one).
+    fn forget_origin(&self, url: &str, session: u64) {
+        let slot = lock(&self.0.origins).get(url).cloned();
+        if let Some(slot) = slot
+            && let Ok(mut g) = slot.try_lock()
+            && g.as_ref().is_some_and(|o| o.session == session)
+        {
+            *g = None;
+        }
+    }
+
+    /// Remembers cancellations an origin sent (in any answer) for the runs they concern.
+    fn note_cancels(&self, ids: Vec<TaskId>) {
+        if ids.is_empty() {
+            return;
+        }
+        let running: std::collections::HashSet<TaskId> = lock(&self.0.remote_running)
+            .values()
+            .flat_map(|m| m.keys().copied())
+            .collect();
+        let mut c = lock(&self.0.cancelled);
+        c.extend(ids.into_iter().filter(|id| running.contains(id)));
     }
 
     /// Runs a claimed task as a local task, relaying its events, heartbeats and result to the
@@ -1267,6 +1411,10 @@ impl Mesh {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "mesh.run cannot follow the local task");
+                let _ = self.0.state.cancel(&me, local).await;
+                let _ = self
+                    .post_result(origin, t.id, &report(failed(format!("executor: {e}"))))
+                    .await;
                 return false;
             }
         };
@@ -1313,14 +1461,8 @@ impl Mesh {
                     match origin.client.post::<_, HeartbeatReply>("/agents/heartbeat", &beat).await {
                         Ok(r) => {
                             last_ok = tokio::time::Instant::now();
-                            let mine = {
-                                let mut c = lock(&self.0.cancelled);
-                                if c.len() > 10_000 {
-                                    c.clear();
-                                }
-                                c.extend(r.cancel);
-                                c.remove(&t.id)
-                            };
+                            self.note_cancels(r.cancel);
+                            let mine = lock(&self.0.cancelled).remove(&t.id);
                             if mine {
                                 tracing::info!(task = %t.id, "mesh.run cancelled by the origin");
                                 let _ = self.0.state.cancel(&me, local).await;
@@ -1399,7 +1541,12 @@ pub fn router(slot: MeshSlot) -> Router {
         .with_state(slot)
 }
 
-async fn ingest(State(slot): State<MeshSlot>, headers: HeaderMap, body: Body) -> Response {
+async fn ingest(
+    State(slot): State<MeshSlot>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let Some(mesh) = slot.get() else {
         return not_running();
     };
@@ -1419,7 +1566,7 @@ async fn ingest(State(slot): State<MeshSlot>, headers: HeaderMap, body: Body) ->
             return too_large(max + 1, max).into_response();
         }
     };
-    match mesh.ingest(&bytes) {
+    match mesh.ingest(peer.ip(), &bytes) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }
@@ -1535,11 +1682,11 @@ mod tests {
     fn nonces_refuse_a_second_delivery_and_forget_after_the_window() {
         let mut n = Nonces::default();
         let k = KeyId([1; 32]);
-        assert!(n.insert(k, [2; 16], 1_000, 31_000));
-        assert!(!n.insert(k, [2; 16], 2_000, 32_000));
-        assert!(n.insert(k, [3; 16], 2_000, 32_000));
+        assert_eq!(n.insert(k, [2; 16], 1_000, 31_000), Ok(true));
+        assert_eq!(n.insert(k, [2; 16], 2_000, 32_000), Ok(false));
+        assert_eq!(n.insert(k, [3; 16], 2_000, 32_000), Ok(true));
         // After expiry the pair is forgotten (the time window refuses the envelope anyway).
-        assert!(n.insert(k, [2; 16], 40_000, 70_000));
+        assert_eq!(n.insert(k, [2; 16], 40_000, 70_000), Ok(true));
     }
 
     #[test]

@@ -559,8 +559,14 @@ pub fn open(env: &[u8], max: usize, now_ms: u64, window_ms: u64) -> Result<Body,
     if !verify(&body.sender, DOMAIN_ENVELOPE, bytes, &sig) {
         return Err(WireError::BadSignature);
     }
-    let skew = body.sent_ms as i64 - now_ms as i64;
-    if skew.unsigned_abs() > window_ms {
+    if body.sent_ms.abs_diff(now_ms) > window_ms {
+        let skew = i64::try_from(i128::from(body.sent_ms) - i128::from(now_ms)).unwrap_or(
+            if body.sent_ms > now_ms {
+                i64::MAX
+            } else {
+                i64::MIN
+            },
+        );
         return Err(WireError::Stale { skew_ms: skew });
     }
     Ok(body)
@@ -648,6 +654,18 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_at_the_ends_of_the_range_are_stale_not_a_panic() {
+        let id = Identity::generate();
+        for sent in [u64::MAX, 1 << 63, 0] {
+            let env = seal(&id, Message::SyncWant(vec![]), sent);
+            assert!(matches!(
+                open(&env, 65_536, 1_700_000_000_000, 30_000),
+                Err(WireError::Stale { .. })
+            ));
+        }
+    }
+
+    #[test]
     fn hostile_bytes_never_panic() {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         for len in 0..400 {
@@ -659,6 +677,7 @@ mod tests {
                 v.push(x as u8);
             }
             let _ = open(&v, 65_536, 0, 30_000);
+            let _ = open(&v, 65_536, u64::MAX, 30_000);
             let _ = postcard::from_bytes::<PeerId>(&v);
             let _ = postcard::from_bytes::<Message>(&v);
         }

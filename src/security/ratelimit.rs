@@ -25,14 +25,15 @@ type Keyed<K> = RateLimiter<
     governor::middleware::NoOpMiddleware,
 >;
 
-/// One keyed limiter with an overflow bucket.
-struct Limiter<K: Hash + Eq + Clone> {
+/// One keyed limiter with an overflow bucket (the mesh keys it by sender address and key).
+pub struct Limiter<K: Hash + Eq + Clone> {
     keyed: Keyed<Option<K>>,
     clock: DefaultClock,
 }
 
 impl<K: Hash + Eq + Clone> Limiter<K> {
-    fn new(rate: u32, burst: u32) -> Self {
+    /// A limiter allowing `rate` per second with bursts of `burst`.
+    pub fn new(rate: u32, burst: u32) -> Self {
         let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(burst).unwrap_or(rate);
         Limiter {
@@ -41,7 +42,11 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         }
     }
 
-    fn check(&self, key: &K) -> Result<(), Duration> {
+    /// Checks and counts one event for `key`.
+    ///
+    /// # Errors
+    /// How long to wait before retrying.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
         let k = Some(key.clone());
         // The overflow bucket (`None`) is shared by every key beyond the cap.
         let k = if self.keyed.len() >= MAX_TRACKED {
@@ -52,6 +57,14 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         self.keyed
             .check_key(&k)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+}
+
+impl<K: Hash + Eq + Clone> Limiter<K> {
+    /// Forgets buckets that are full again.
+    pub fn retain_recent(&self) {
+        self.keyed.retain_recent();
+        self.keyed.shrink_to_fit();
     }
 }
 
