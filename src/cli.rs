@@ -109,6 +109,16 @@ pub enum Command {
     /// See the mesh: peers and what they advertise.
     #[command(subcommand)]
     Mesh(MeshCmd),
+    /// What this box is: board, CPU, memory, temperatures, throttling, GPUs, and the resource
+    /// class and capacity derived from them.
+    Hw {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Read /proc and /sys under this directory instead of / (fixture trees).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
     /// Create a key file and print its key id (for coordinator.agent_keys / client_keys).
     Keygen {
         /// Where to write the key (mode 0600); an existing file is only read.
@@ -206,6 +216,10 @@ pub struct WorkerCmd {
     /// Generations sent to the inference service at once (the node passes its slots plus queue).
     #[arg(long, default_value_t = 9)]
     pub generation_slots: u32,
+    /// Resource class to advertise: tiny, small, medium, large, xlarge (the node passes what
+    /// `edgecoder hw` derives).
+    #[arg(long, default_value = "tiny", value_parser = parse_class)]
+    pub resource_class: crate::coordinator::model::ResourceClass,
     /// Log filter.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -1151,6 +1165,103 @@ pub async fn mesh(cmd: MeshCmd) -> anyhow::Result<u8> {
                 }
             }
         }
+    }
+    Ok(0)
+}
+
+fn parse_class(s: &str) -> Result<crate::coordinator::model::ResourceClass, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+        .map_err(|_| format!("{s:?}: expected tiny, small, medium, large or xlarge"))
+}
+
+/// `edgecoder hw`.
+///
+/// # Errors
+/// Writing to stdout.
+pub fn hw(json: bool, root: &std::path::Path) -> anyhow::Result<u8> {
+    let info = crate::hw::detect(root, crate::hw::this_arch(), &crate::hw::nvml::NvmlProbe);
+    if json {
+        print_json(&info)?;
+        return Ok(0);
+    }
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    println!("board       {} ({})", info.model, info.board);
+    println!(
+        "cpu         {} {}, {} cores / {} threads{}{}",
+        info.cpu.arch,
+        info.cpu.model,
+        info.cpu.physical,
+        info.cpu.logical,
+        if info.cpu.features.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", info.cpu.features.join(" "))
+        },
+        if info.cpu.max_khz > 0 {
+            format!(", up to {:.2} GHz", info.cpu.max_khz as f64 / 1e6)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "memory      {:.1} GiB total, {:.1} GiB available, {} KiB pages",
+        gib(info.memory.total),
+        gib(info.memory.available),
+        info.page_size / 1024
+    );
+    if !info.thermal.is_empty() {
+        let t: Vec<String> = info
+            .thermal
+            .iter()
+            .map(|t| format!("{} {:.1} °C", t.zone, t.celsius))
+            .collect();
+        println!("thermal     {}", t.join(", "));
+    }
+    println!(
+        "throttling  {}",
+        if info.throttling.active() {
+            format!("{:?}", info.throttling)
+        } else if info.throttling.occurred_since_boot {
+            "none now (some since boot)".into()
+        } else {
+            "none".into()
+        }
+    );
+    if info.gpus.is_empty() {
+        println!("gpu         none");
+    }
+    for g in &info.gpus {
+        println!(
+            "gpu         {} ({:?}): {:.1} GiB free of {:.1} GiB, {:.0}% busy{}{}",
+            g.name,
+            g.kind,
+            gib(g.memory_free),
+            gib(g.memory_total),
+            g.utilisation_pct,
+            g.temperature_c
+                .map_or(String::new(), |t| format!(", {t:.0} °C")),
+            g.power_w.map_or(String::new(), |w| format!(", {w:.0} W"))
+        );
+    }
+    let c = &info.capacity;
+    println!("class       {:?}", info.class);
+    println!(
+        "capacity    {:.1} GiB for models, {} slots, {} threads, GPU layers {}, default model {}",
+        gib(c.model_memory_budget),
+        c.slots,
+        c.threads,
+        if c.gpu_layers >= 999 {
+            "all".to_string()
+        } else {
+            c.gpu_layers.to_string()
+        },
+        c.default_model
+    );
+    for d in &c.derated {
+        println!("derated     {d}");
+    }
+    for d in &info.degraded {
+        println!("degraded    {d}");
     }
     Ok(0)
 }

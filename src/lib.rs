@@ -30,6 +30,7 @@ pub mod control_plane;
 pub mod coordinator;
 pub mod health;
 pub mod http;
+pub mod hw;
 pub mod ide;
 pub mod identity;
 pub mod inference;

@@ -79,6 +79,7 @@ fn main() -> ExitCode {
                     parent_pid: w.parent_pid,
                     inference: w.inference,
                     generation_slots: w.generation_slots,
+                    resource_class: w.resource_class,
                 };
                 edgecoder::worker::run(args, stop, w.grace).await?;
                 Ok(0)
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
             Command::Apikey(a) => edgecoder::cli::apikey(a).await,
             Command::Status(c) => edgecoder::cli::status(c).await,
             Command::Mesh(m) => edgecoder::cli::mesh(m).await,
+            Command::Hw { json, root } => edgecoder::cli::hw(json, &root),
             Command::Keygen { out } => {
                 let (id, created) = edgecoder::identity::Identity::load_or_create(&out)?;
                 println!("{}", id.key_id());

@@ -16,6 +16,7 @@ use crate::store::Store;
 pub struct ProcessMetrics {
     started: Instant,
     store: Option<Store>,
+    hardware: crate::hw::HwSlot,
 }
 
 impl ProcessMetrics {
@@ -24,7 +25,13 @@ impl ProcessMetrics {
         Arc::new(ProcessMetrics {
             started: Instant::now(),
             store,
+            hardware: crate::hw::HwSlot::default(),
         })
+    }
+
+    /// The node's latest hardware detection (filled by the node; rendered with the metrics).
+    pub fn hardware(&self) -> &crate::hw::HwSlot {
+        &self.hardware
     }
 
     /// Seconds since the process started serving.
@@ -44,6 +51,9 @@ impl ProcessMetrics {
             "# HELP edgecoder_process_uptime_seconds Time since the process started.\n# TYPE edgecoder_process_uptime_seconds gauge\nedgecoder_process_uptime_seconds {:.3}",
             self.uptime_secs()
         );
+        if let Some(hw) = crate::hw::current(&self.hardware) {
+            crate::hw::render_metrics(&hw, out);
+        }
         if let Some(store) = &self.store {
             use std::sync::atomic::Ordering::Relaxed;
             let s = store.stats();

@@ -30,6 +30,17 @@ use crate::store::{Store, StoreError};
 use crate::systemd::Notifier;
 use crate::worker::supervisor::{SupervisorConfig, supervise};
 
+/// How often the hardware is read again.
+const HARDWARE_REFRESH: Duration = Duration::from_secs(30);
+
+fn detect_hardware() -> crate::hw::HwInfo {
+    crate::hw::detect(
+        Path::new("/"),
+        crate::hw::this_arch(),
+        &crate::hw::nvml::NvmlProbe,
+    )
+}
+
 /// How often idle rate-limit buckets are dropped.
 const LIMITER_SWEEP: Duration = Duration::from_secs(60);
 
@@ -184,6 +195,28 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
     };
     let health = Arc::new(NodeHealth::new(identity.node_id(), cfg.worker.enabled));
     let process = ProcessMetrics::new(Some(store.clone()));
+    // What the box is: read once before the worker starts (it advertises the class), then
+    // re-read on a timer (thermal throttling, memory taken by other processes).
+    let hw = tokio::task::spawn_blocking(detect_hardware)
+        .await
+        .map_err(|e| NodeError::Inference(format!("hardware detection: {e}")))?;
+    tracing::info!(
+        board = %hw.board,
+        model = %hw.model,
+        class = ?hw.class,
+        budget_mib = hw.capacity.model_memory_budget >> 20,
+        slots = hw.capacity.slots,
+        threads = hw.capacity.threads,
+        "node.hardware detected"
+    );
+    for d in hw.degraded.iter().chain(hw.capacity.derated.iter()) {
+        tracing::warn!(problem = %d, "node.hardware degraded");
+    }
+    let resource_class = hw.class;
+    *process
+        .hardware()
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(hw));
     let limits = Arc::new(RateLimits::new(
         cfg.security.per_ip_rate,
         cfg.security.per_ip_burst,
@@ -311,6 +344,7 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             coordinator.state.clone(),
             cfg.worker.heartbeat_interval,
             cfg.coordinator.agent_keys.clone(),
+            process.hardware().clone(),
             tracker.clone(),
             services.clone(),
         )
@@ -368,6 +402,11 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
             std::process::id().to_string(),
             "--log".into(),
             cfg.log.clone(),
+            "--resource-class".into(),
+            serde_json::to_value(resource_class)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "tiny".into()),
         ];
         let sc = SupervisorConfig {
             exe,
@@ -391,6 +430,28 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         None
     };
 
+    {
+        let slot = process.hardware().clone();
+        let token = services.clone();
+        tracker.spawn(async move {
+            let mut t = tokio::time::interval(HARDWARE_REFRESH);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t.tick().await;
+            loop {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = token.cancelled() => return,
+                }
+                if let Ok(hw) = tokio::task::spawn_blocking(detect_hardware).await {
+                    let before = crate::hw::current(&slot);
+                    if before.as_ref().is_some_and(|b| b.class != hw.class || b.capacity.slots != hw.capacity.slots) {
+                        tracing::warn!(class = ?hw.class, slots = hw.capacity.slots, derated = ?hw.capacity.derated, "node.hardware capacity changed");
+                    }
+                    *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(hw));
+                }
+            }
+        });
+    }
     {
         let limits = limits.clone();
         let token = services.clone();

@@ -150,7 +150,7 @@ pub fn spawn(
     let mut registry = Registry::default();
     state.register_metrics(&mut registry);
     verifier.register_metrics(&mut registry, "edgecoder_coordinator_auth");
-    let metrics = Metrics::new(registry, process);
+    let metrics = Metrics::new(registry, process.clone());
 
     let health_for_reaper = health.clone();
     let ctx = routes::Ctx {
@@ -164,6 +164,7 @@ pub fn spawn(
             mesh: None,
         }),
         mesh: mesh.clone(),
+        process: process.clone(),
     };
 
     let signed = Router::new()

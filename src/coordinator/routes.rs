@@ -30,6 +30,8 @@ pub struct Ctx {
     pub identity: Arc<IdentityView>,
     /// The mesh, once started.
     pub mesh: crate::mesh::service::MeshSlot,
+    /// Process figures and the latest hardware detection.
+    pub process: Arc<crate::metrics::ProcessMetrics>,
 }
 
 /// `GET /identity`.
@@ -457,6 +459,7 @@ pub async fn status(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
         "agents": agents,
         "worker": ctx.health.worker(),
         "ports": ctx.health.ports(),
+        "hardware": crate::hw::current(ctx.process.hardware()).as_deref(),
     }))
 }
 

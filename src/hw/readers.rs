@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 pub fn read(root: &Path, rel: &str) -> Option<String> {
     let p = root.join(rel.trim_start_matches('/'));
     // Device-tree strings end in NUL.
-    std::fs::read(&p)
-        .ok()
-        .map(|b| String::from_utf8_lossy(&b).trim_end_matches(['\0', '\n', ' ']).to_string())
+    std::fs::read(&p).ok().map(|b| {
+        String::from_utf8_lossy(&b)
+            .trim_end_matches(['\0', '\n', ' '])
+            .to_string()
+    })
 }
 
 fn read_u64(root: &Path, rel: &str) -> Option<u64> {
@@ -139,7 +141,7 @@ pub fn memory(root: &Path, problems: &mut Vec<String>) -> Memory {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse::<u64>().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .map(|kib| kib * 1024)
     };
     let total = field("MemTotal:");
@@ -197,7 +199,11 @@ pub fn thermal(root: &Path, problems: &mut Vec<String>) -> Vec<Thermal> {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with("thermal_zone"))
         .collect();
-    names.sort_by_key(|n| n.trim_start_matches("thermal_zone").parse::<u32>().unwrap_or(0));
+    names.sort_by_key(|n| {
+        n.trim_start_matches("thermal_zone")
+            .parse::<u32>()
+            .unwrap_or(0)
+    });
     let mut out = Vec::new();
     for n in names {
         let zone = read(root, &format!("sys/class/thermal/{n}/type")).unwrap_or_else(|| n.clone());
@@ -309,9 +315,9 @@ pub fn jetson_gpu(root: &Path) -> Option<JetsonGpu> {
         "sys/class/devfreq/17000000.gpu/cur_freq",
         "sys/class/devfreq/17000000.ga10b/cur_freq",
     ]
-        .iter()
-        .find_map(|p| read_u64(root, p))
-        .unwrap_or(0);
+    .iter()
+    .find_map(|p| read_u64(root, p))
+    .unwrap_or(0);
     Some(JetsonGpu {
         utilisation_pct: load as f64 / 10.0,
         freq_hz: freq,

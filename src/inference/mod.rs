@@ -507,6 +507,10 @@ pub fn spawn(
         m.rejected_busy.clone(),
     );
     verifier.register_metrics(&mut registry, "edgecoder_inference_auth");
+    // The hardware detection's default model (the board's pick for its class, stepped down
+    // until it fits the memory budget), for a first boot with nothing configured.
+    let hw_default =
+        crate::hw::current(process.hardware()).map(|h| h.capacity.default_model.clone());
     let metrics = Metrics::new(registry, process);
     let status_handle = handle.clone();
     let signed = Router::new()
@@ -537,7 +541,7 @@ pub fn spawn(
     let default_model = ic.default_model.clone();
     let task = Box::pin(async move {
         if auto_pull {
-            first_boot_pull(&bg, &default_model, &token).await;
+            first_boot_pull(&bg, &default_model, hw_default.as_deref(), &token).await;
         }
         let mut t = tokio::time::interval(IDLE_CHECK);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -555,17 +559,25 @@ pub fn spawn(
     })
 }
 
-/// On a box with no model, pulls the default model (`inference.default_model`, else the catalog
-/// entry for its memory class), or says plainly how to add one when that fails (no network, no
-/// space).
-async fn first_boot_pull(inf: &Inference, default_model: &str, token: &CancellationToken) {
+/// On a box with no model, pulls the default model (`inference.default_model`, else the one the
+/// hardware detection picked, else the catalog entry for its memory class), or says plainly how
+/// to add one when that fails (no network, no space).
+async fn first_boot_pull(
+    inf: &Inference,
+    default_model: &str,
+    hw_default: Option<&str>,
+    token: &CancellationToken,
+) {
     match inf.models().list() {
         Ok(l) if l.is_empty() => {}
         _ => return,
     }
     let (url, name) = if default_model.is_empty() {
-        let class = catalog::class_for_memory(catalog::total_memory().unwrap_or(0));
-        let e = catalog::default_for(class);
+        let e = hw_default.and_then(catalog::by_name).unwrap_or_else(|| {
+            catalog::default_for(catalog::class_for_memory(
+                catalog::total_memory().unwrap_or(0),
+            ))
+        });
         (e.url.to_string(), Some(e.name.to_string()))
     } else if let Some(e) = catalog::by_name(default_model) {
         (e.url.to_string(), Some(e.name.to_string()))

@@ -313,6 +313,8 @@ struct Inner {
     remote_running: Mutex<HashMap<String, HashMap<TaskId, u32>>>,
     /// This node's own agents besides its worker (`coordinator.agent_keys`).
     own_agents: Vec<KeyId>,
+    /// The node's hardware detection (its resource class is what the mesh is told).
+    hardware: crate::hw::HwSlot,
     /// Per (address, claimed sender) limit, checked before any decoding.
     sender_limits: crate::security::ratelimit::Limiter<(std::net::IpAddr, KeyId)>,
     /// Offers being considered or run here now.
@@ -369,6 +371,7 @@ impl Mesh {
         state: CoordinatorState,
         heartbeat: Duration,
         own_agents: Vec<KeyId>,
+        hardware: crate::hw::HwSlot,
         tracker: TaskTracker,
         token: CancellationToken,
     ) -> Result<Mesh, reqwest::Error> {
@@ -407,6 +410,7 @@ impl Mesh {
             origins: Mutex::new(HashMap::new()),
             remote_running: Mutex::new(HashMap::new()),
             own_agents,
+            hardware,
             sender_limits: crate::security::ratelimit::Limiter::new(
                 cfg.per_peer_rate,
                 cfg.per_peer_rate.saturating_mul(2),
@@ -741,6 +745,11 @@ impl Mesh {
             caps.resource_class = caps.resource_class.max(a.capabilities.resource_class);
             caps.slots = caps.slots.saturating_add(a.capabilities.slots);
             leased = leased.saturating_add(a.leases);
+        }
+        // The node's hardware detection, re-read on a timer, decides its class (a throttled or
+        // memory-starved box advertises less); agents' own claims only raise it.
+        if let Some(hw) = crate::hw::current(&self.0.hardware) {
+            caps.resource_class = hw.class;
         }
         caps.kinds.sort_by_key(|k| format!("{k:?}"));
         caps.models.sort();

@@ -62,6 +62,8 @@ pub struct WorkerArgs {
     /// Generations sent to the inference service at once; more wait in the worker (their leases
     /// kept by heartbeats) instead of being refused as busy and retried at once.
     pub generation_slots: u32,
+    /// The resource class it advertises (the node passes what its hardware detection derived).
+    pub resource_class: ResourceClass,
 }
 
 /// Worker failures that end the process.
@@ -86,6 +88,7 @@ struct Running {
 struct Worker {
     client: CoordinatorClient,
     slots: u32,
+    class: ResourceClass,
     /// One permit per slot; a running task holds one, and hands it to the task it is given
     /// when it reports (see `PostResult::next`).
     free: Arc<Semaphore>,
@@ -129,6 +132,7 @@ pub async fn run(
     let w = Arc::new(Worker {
         client,
         slots,
+        class: args.resource_class,
         free: Arc::new(Semaphore::new(slots as usize)),
         session: AtomicU64::new(0),
         agent,
@@ -207,7 +211,7 @@ impl Worker {
                 capabilities: Capabilities {
                     kinds,
                     models,
-                    resource_class: ResourceClass::default(),
+                    resource_class: self.class,
                     slots: self.slots,
                 },
                 running: self.running_list(),
