@@ -147,7 +147,7 @@ pub struct InferenceConfig {
     pub listen: Listen,
     /// CPU threads a loaded model decodes with; 0 means the number of physical cores.
     pub threads: u32,
-    /// Generations a loaded model runs at once, batched together.
+    /// Generations a loaded model runs at once, batched together; 0: the hardware capacity's.
     pub slots: u32,
     /// Requests waiting for a slot before new ones get 503.
     pub queue_depth: usize,
@@ -311,7 +311,7 @@ impl Default for Config {
             inference: InferenceConfig {
                 listen: Listen::new(local, INFERENCE_PORT),
                 threads: 0,
-                slots: 4,
+                slots: 0,
                 queue_depth: 8,
                 context: 4096,
                 batch: 512,
@@ -601,8 +601,8 @@ impl Config {
             p.push("security.nonce_cache_max: must be at least 1000".into());
         }
         let i = &self.inference;
-        if !(1..=64).contains(&i.slots) {
-            p.push("inference.slots: must be between 1 and 64".into());
+        if i.slots > 64 {
+            p.push("inference.slots: must be between 0 (from the hardware) and 64".into());
         }
         if i.threads > 1024 {
             p.push("inference.threads: must be at most 1024 (0 means physical cores)".into());

@@ -179,7 +179,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 ///
 /// # Errors
 /// Boot failures, or a service that stopped on its own.
-pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(), NodeError> {
+pub async fn run(mut cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(), NodeError> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let notifier = Notifier::from_env();
     let store = Store::open(&cfg.data_dir.join("store"), &cfg.store)?;
@@ -213,6 +213,14 @@ pub async fn run(cfg: Config, exe: PathBuf, stop: CancellationToken) -> Result<(
         tracing::warn!(problem = %d, "node.hardware degraded");
     }
     let resource_class = hw.class;
+    // Unset (0) inference sizes come from the capacity: slots from the memory budget, threads
+    // from the physical cores (halved while the box throttles at boot).
+    if cfg.inference.slots == 0 {
+        cfg.inference.slots = hw.capacity.slots.clamp(1, 64);
+    }
+    if cfg.inference.threads == 0 {
+        cfg.inference.threads = hw.capacity.threads.max(1);
+    }
     *process
         .hardware()
         .write()
