@@ -3,7 +3,7 @@
 //! Everything here is postcard. Three things carry signatures, each under its own domain tag so a
 //! signature made for one purpose never verifies as another:
 //!
-//! * an [`Envelope`]: every message between two nodes, signed by the sender over its exact
+//! * an envelope ([`seal`], [`open`]): every message between two nodes, signed by the sender over its exact
 //!   bytes (`DOMAIN_ENVELOPE || body`);
 //! * a [`PeerId`]: a node's membership identity (key, URL, generation), signed by that node, so
 //!   a peer relaying membership ("peer exchange") cannot bind someone else's key to its own URL;
