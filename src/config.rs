@@ -450,6 +450,19 @@ impl Config {
             Err(e) => problems.push(format!("{}: {e}", path.display())),
         }
 
+        // Secrets handed over by systemd (LoadCredential=secrets.toml:...): a layer above the
+        // file, so allowlists and fleet keys need not sit in a world-readable file.
+        if let Some((_, dir)) = env.iter().find(|(k, _)| k == "CREDENTIALS_DIRECTORY") {
+            let p = Path::new(dir).join("secrets.toml");
+            match std::fs::read_to_string(&p) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(t) => merge(&mut table, t),
+                    Err(e) => problems.push(format!("{}: not valid TOML: {e}", p.display())),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => problems.push(format!("{}: {e}", p.display())),
+            }
+        }
         // The original EdgeCoder's variable, kept: a comma-separated list of peer URLs.
         if let Some((_, v)) = env.iter().find(|(k, _)| k == "COORDINATOR_BOOTSTRAP_URLS") {
             let urls: Vec<toml::Value> = v
@@ -729,6 +742,18 @@ fn env_value(v: &str) -> toml::Value {
             .remove("v")
             .unwrap_or_else(|| toml::Value::String(v.into())),
         Err(_) => toml::Value::String(v.into()),
+    }
+}
+
+/// Deep-merges `over` into `base` (tables merge, everything else replaces).
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -1248,5 +1273,50 @@ mod tests {
                 "docs/configuration.md does not document `{key}`"
             );
         }
+    }
+
+    #[test]
+    fn systemd_credentials_are_a_layer_above_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgecoder.toml");
+        std::fs::write(
+            &file,
+            "[mesh]\nbootstrap_urls = [\"http://10.0.0.1:4301\"]\nmax_envelope = \"32KiB\"\n",
+        )
+        .unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        let key = crate::identity::Identity::generate().key_id().to_string();
+        std::fs::write(
+            creds.join("secrets.toml"),
+            format!("[mesh]\npeer_keys = [\"{key}\"]\nmax_envelope = \"16KiB\"\n"),
+        )
+        .unwrap();
+        let cli = CliOverrides {
+            config_file: Some(file),
+            ..CliOverrides::default()
+        };
+        let env = vec![(
+            "CREDENTIALS_DIRECTORY".to_string(),
+            creds.display().to_string(),
+        )];
+        let (cfg, _) = Config::load(&cli, &env).unwrap();
+        assert_eq!(cfg.mesh.peer_keys.len(), 1);
+        assert_eq!(
+            cfg.mesh.max_envelope,
+            16 * 1024,
+            "secrets win over the file"
+        );
+        assert_eq!(
+            cfg.mesh.bootstrap_urls,
+            ["http://10.0.0.1:4301"],
+            "the file's other keys stay"
+        );
+        std::fs::write(creds.join("secrets.toml"), "[mesh\n").unwrap();
+        let err = Config::load(&cli, &env).unwrap_err();
+        assert!(err.problems[0].contains("secrets.toml"), "{err:?}");
+        // systemd's default when the file is missing (SetCredential=secrets.toml:# no secrets).
+        std::fs::write(creds.join("secrets.toml"), "# no secrets").unwrap();
+        assert!(Config::load(&cli, &env).is_ok());
     }
 }
