@@ -31,6 +31,16 @@ fn main() -> ExitCode {
         std::env::set_var("GGML_NO_BACKTRACE", "1");
     }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Worker(_)) {
+        // Client commands print and exit: `edgecoder hw --json | head` should end quietly when
+        // the reader goes away, as other command-line tools do, not panic on a broken pipe.
+        // The node and the worker keep Rust's default (SIGPIPE ignored, EPIPE as an error).
+        #[allow(unsafe_code)]
+        // SAFETY: single-threaded at this point; restoring the default disposition of a signal.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

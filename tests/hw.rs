@@ -388,3 +388,30 @@ fn the_node_reports_its_hardware_in_status_metrics_and_its_workers_class() {
         hw["class"]
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["hw", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    // Either it finished writing before the pipe closed, or SIGPIPE ended it: never exit 101.
+    assert_ne!(status.code(), Some(101), "{status:?}");
+}
