@@ -107,7 +107,11 @@ fn nodes_converge_share_capabilities_detect_a_death_and_take_it_back() {
             let caps = caps.as_array().unwrap();
             caps.len() == 4
                 && caps.iter().all(|c| {
-                    c["slots"] == 16 && c["kinds"].as_array().unwrap().iter().any(|k| k == "probe")
+                    // The hardware detection's budget rides along with the agents' slots.
+                    c["model_budget_mib"].as_u64().unwrap_or(0) > 0
+                        && c["throttled"].is_boolean()
+                        && c["slots"] == 16
+                        && c["kinds"].as_array().unwrap().iter().any(|k| k == "probe")
                 })
         })
     });

@@ -252,6 +252,8 @@ mod tests {
                 free_slots: 1,
                 load_pct: 0,
                 price: 0,
+                model_budget_mib: 0,
+                throttled: false,
             }),
         )
     }

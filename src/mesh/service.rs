@@ -202,6 +202,10 @@ pub struct CapsView {
     pub load_pct: u16,
     /// Credits per task it asks (0: free).
     pub price: u32,
+    /// Memory for models from its hardware detection (MiB; 0 unknown).
+    pub model_budget_mib: u32,
+    /// Whether it runs below capacity now (throttling).
+    pub throttled: bool,
 }
 
 impl CapsView {
@@ -218,6 +222,8 @@ impl CapsView {
             free_slots: c.free_slots,
             load_pct: c.load_pct,
             price: c.price,
+            model_budget_mib: c.model_budget_mib,
+            throttled: c.throttled,
         }
     }
 }
@@ -723,6 +729,8 @@ impl Mesh {
             free_slots: 0,
             load_pct: 0,
             price: 0,
+            model_budget_mib: 0,
+            throttled: false,
         };
         let mut leased = 0u32;
         for a in self
@@ -750,6 +758,9 @@ impl Mesh {
         // memory-starved box advertises less); agents' own claims only raise it.
         if let Some(hw) = crate::hw::current(&self.0.hardware) {
             caps.resource_class = hw.class;
+            caps.model_budget_mib =
+                u32::try_from(hw.capacity.model_memory_budget >> 20).unwrap_or(u32::MAX);
+            caps.throttled = hw.throttling.active();
         }
         caps.kinds.sort_by_key(|k| format!("{k:?}"));
         caps.models.sort();
@@ -1655,6 +1666,8 @@ mod tests {
             free_slots: free,
             load_pct: 0,
             price: 0,
+            model_budget_mib: 0,
+            throttled: false,
         }
     }
 

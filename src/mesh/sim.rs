@@ -372,6 +372,8 @@ impl Sim {
             free_slots: 4,
             load_pct: 0,
             price: 0,
+            model_budget_mib: 0,
+            throttled: false,
         };
         self.nodes[i].core.publish_caps(rec, now);
         self.flush(i);

@@ -233,6 +233,10 @@ pub struct CapRecord {
     pub load_pct: u16,
     /// Price in credits per 1,000 tokens (0: free).
     pub price: u32,
+    /// Memory for model weights and KV cache from the hardware detection (MiB; 0 unknown).
+    pub model_budget_mib: u32,
+    /// The box runs below its capacity now (thermal throttling, capped frequency).
+    pub throttled: bool,
 }
 
 /// Why a node is blacklisted.
@@ -590,6 +594,8 @@ mod tests {
             free_slots: 4,
             load_pct: 0,
             price: 0,
+            model_budget_mib: 0,
+            throttled: false,
         })
     }
 
