@@ -691,12 +691,9 @@ impl Mesh {
         }
     }
 
-    async fn fetch_peer(&self, base: &str) -> anyhow::Result<PeerId> {
-        #[derive(Deserialize)]
-        struct Ident {
-            mesh: Option<MeshIdentity>,
-        }
-        let v: Ident = self
+    /// `GET /identity` of the node at `base`.
+    async fn identity_of(&self, base: &str) -> anyhow::Result<crate::coordinator::IdentityView> {
+        Ok(self
             .0
             .client
             .get(format!("{}/identity", base.trim_end_matches('/')))
@@ -705,7 +702,11 @@ impl Mesh {
             .await?
             .error_for_status()?
             .json()
-            .await?;
+            .await?)
+    }
+
+    async fn fetch_peer(&self, base: &str) -> anyhow::Result<PeerId> {
+        let v = self.identity_of(base).await?;
         let m = v
             .mesh
             .ok_or_else(|| anyhow::anyhow!("the node at {base} does not take part in a mesh"))?;
@@ -1293,20 +1294,7 @@ impl Mesh {
         if let Some(o) = slot.as_ref() {
             return Ok(o.clone());
         }
-        #[derive(Deserialize)]
-        struct Ident {
-            ed25519: String,
-        }
-        let ident: Ident = self
-            .0
-            .client
-            .get(format!("{}/identity", url.trim_end_matches('/')))
-            .timeout(SEND_TIMEOUT)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let ident = self.identity_of(url).await?;
         if ident.ed25519 != owner.to_string() {
             anyhow::bail!("{url} is not the node that offered the task");
         }
