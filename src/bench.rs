@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::client::CoordinatorClient;
-use crate::coordinator::model::{Requirements, SubmitTask, TaskKind, TaskView};
+use crate::coordinator::model::{SubmitTask, TaskView};
 use crate::identity::Identity;
 use crate::node::NodeInfo;
 
@@ -313,15 +313,7 @@ async fn throughput_one(
             let client = CoordinatorClient::new(&url, id.clone())?;
             handles.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
-                let req = SubmitTask {
-                    kind: TaskKind::Probe,
-                    payload: serde_json::json!({"echo": 1}),
-                    requirements: Requirements::default(),
-                    priority: 0,
-                    timeout: None,
-                    max_attempts: None,
-                    idempotency_key: None,
-                };
+                let req = SubmitTask::probe(serde_json::json!({"echo": 1}));
                 while Instant::now() < stop_at {
                     let t0 = Instant::now();
                     let state = match mode {
@@ -434,15 +426,7 @@ pub async fn mesh(exe: &Path, tasks: usize) -> anyhow::Result<()> {
         &format!("http://{}", peers[0].0.info.coordinator),
         Arc::new(Identity::load(&b_dir.join("identity.key"))?),
     )?;
-    let req = SubmitTask {
-        kind: TaskKind::Probe,
-        payload: serde_json::json!({"echo": 1}),
-        requirements: Requirements::default(),
-        priority: 0,
-        timeout: None,
-        max_attempts: None,
-        idempotency_key: None,
-    };
+    let req = SubmitTask::probe(serde_json::json!({"echo": 1}));
     let run = |c: &CoordinatorClient| {
         let c = c.clone();
         let req = req.clone();

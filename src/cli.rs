@@ -292,18 +292,7 @@ pub async fn apikey(cmd: ApiKeyCmd) -> anyhow::Result<u8> {
         }
         ApiKeyCmd::Revoke { id, conn } => {
             let client = connect_service(&conn, Service::ControlPlane)?;
-            let url = client.base().join(&format!("/apikeys/{id}"))?;
-            let resp = client
-                .signed(Method::DELETE, &url, Vec::new(), Duration::from_secs(30))
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                bail!(
-                    "{}",
-                    error_text(status, &resp.text().await.unwrap_or_default())
-                );
-            }
+            delete(&client, &format!("/apikeys/{id}")).await?;
             eprintln!("revoked {id}");
             Ok(0)
         }
@@ -729,18 +718,7 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
         }
         ModelCmd::Rm { name, conn } => {
             let client = connect_service(&conn, Service::Inference)?;
-            let url = client.base().join(&format!("/models/{name}"))?;
-            let resp = client
-                .signed(Method::DELETE, &url, Vec::new(), Duration::from_secs(30))
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                bail!(
-                    "{}",
-                    error_text(status, &resp.text().await.unwrap_or_default())
-                );
-            }
+            delete(&client, &format!("/models/{name}")).await?;
             eprintln!("removed {name}");
             Ok(0)
         }
@@ -773,6 +751,23 @@ pub async fn model(cmd: ModelCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// A signed `DELETE` whose success answer has no body (204).
+async fn delete(client: &CoordinatorClient, path: &str) -> anyhow::Result<()> {
+    let url = client.base().join(path)?;
+    let resp = client
+        .signed(Method::DELETE, &url, Vec::new(), Duration::from_secs(30))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        bail!(
+            "{}",
+            error_text(status, &resp.text().await.unwrap_or_default())
+        );
+    }
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -971,18 +966,7 @@ async fn follow_events(client: &CoordinatorClient, id: &str) -> anyhow::Result<u
 /// # Errors
 /// Connection errors.
 pub async fn status(conn: ConnectArgs) -> anyhow::Result<u8> {
-    // /status is unsigned: no key needed.
-    let (base, _) = resolve(&conn)?;
-    let url = reqwest::Url::parse(&base)?.join("/status")?;
-    let v: serde_json::Value = crate::http::client_builder()
-        .build()?
-        .get(url.clone())
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the node at {url}"))?
-        .json()
-        .await?;
+    let v: serde_json::Value = get_json(&conn, "/status").await?;
     if conn.json {
         print_json(&v)?;
         return Ok(0);
@@ -1030,7 +1014,7 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     conn: &ConnectArgs,
     path: &str,
 ) -> anyhow::Result<T> {
-    // The mesh views are unsigned, like /status: no key needed.
+    // /status and the mesh views are unsigned: no key needed.
     let (base, _) = resolve(conn)?;
     let url = reqwest::Url::parse(&base)?.join(path)?;
     let resp = crate::http::client_builder()

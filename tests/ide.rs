@@ -407,15 +407,7 @@ async fn a_client_that_disconnects_cancels_its_task_and_revoked_keys_stop_workin
         .as_str()
         .unwrap()
         .to_string();
-    let out = std::process::Command::new(common::BIN)
-        .args(["apikey", "revoke", &id, "--data-dir", &dir])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::cli(["apikey", "revoke", &id, "--data-dir", &dir]);
     let r = http()
         .get(format!("{}/models", n.base))
         .bearer_auth(&n.key)
@@ -437,26 +429,40 @@ async fn the_official_openai_python_package_works() {
         "this test needs python3 with the openai package: `python3 -m pip install openai` (.ci/setup installs it)"
     );
     let n = ide_node(&["--set", "http.max_body=\"1MiB\""]).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
+    let stdout = run_sdk_checks(&n, "python3", "openai_sdk.py", None).await;
+    assert!(stdout.contains("all openai SDK checks passed"));
+}
+
+/// Runs an SDK check script (tests/<script>) with `program` against the node; returns its stdout
+/// and fails the test with both streams unless it succeeds.
+async fn run_sdk_checks(
+    n: &IdeNode,
+    program: &'static str,
+    script: &str,
+    js_dir: Option<String>,
+) -> String {
+    let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let (base, key) = (n.base.clone(), n.key.clone());
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg(&script)
             .env("EC_BASE_URL", base)
             .env("EC_API_KEY", key)
-            .env("EC_MODEL", "tiny")
-            .output()
-            .unwrap()
+            .env("EC_MODEL", "tiny");
+        if let Some(d) = js_dir {
+            cmd.env("OPENAI_JS_DIR", d);
+        }
+        cmd.output().unwrap()
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "openai SDK checks failed:\n{stdout}\n{stderr}"
+        "{program} SDK checks failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("all openai SDK checks passed"));
+    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,26 +482,7 @@ async fn the_official_openai_javascript_package_works() {
          `npm install --prefix {dir} openai@6` (.ci/setup installs both)"
     );
     let n = ide_node(&[]).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.mjs");
-    let (base, key) = (n.base.clone(), n.key.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .arg(script)
-            .env("EC_BASE_URL", base)
-            .env("EC_API_KEY", key)
-            .env("EC_MODEL", "tiny")
-            .env("OPENAI_JS_DIR", dir)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai JS SDK checks failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = run_sdk_checks(&n, "node", "openai_sdk.mjs", Some(dir)).await;
     assert!(stdout.contains("all openai JS SDK checks passed"));
 }
 
@@ -512,11 +499,7 @@ async fn a_chat_for_a_model_only_a_peer_has_streams_from_that_peer() {
     // A: no model at all.
     let a = common::Node::start(&FAST);
     let dir = a.dir.to_str().unwrap().to_string();
-    let out = std::process::Command::new(common::BIN)
-        .args(["apikey", "create", "--name", "t", "--data-dir", &dir])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = common::cli(["apikey", "create", "--name", "t", "--data-dir", &dir]);
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let base = format!("{}/v1", a.url("ide"));
     // C: the tiny model, joined to A.

@@ -127,21 +127,13 @@ fn nodes_converge_share_capabilities_detect_a_death_and_take_it_back() {
     let old_generation = cp["generation"].as_u64().unwrap();
 
     // The CLI shows the same.
-    let out = std::process::Command::new(BIN)
-        .args(["mesh", "peers", "--url", &seed])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = common::cli(["mesh", "peers", "--url", &seed]);
     let text = String::from_utf8_lossy(&out.stdout);
     for n in [&b, &c, &d] {
         assert!(text.contains(&n.coordinator()), "{text}");
     }
     assert!(text.contains("alive"), "{text}");
-    let out = std::process::Command::new(BIN)
-        .args(["mesh", "capabilities", "--url", &seed])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = common::cli(["mesh", "capabilities", "--url", &seed]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout)
             .matches("16/16")
@@ -481,25 +473,18 @@ fn a_blacklisted_node_is_cut_off_by_the_reporter_and_by_nodes_that_trust_it() {
         .key_id()
         .to_string();
 
-    let out = std::process::Command::new(BIN)
-        .args([
-            "mesh",
-            "blacklist",
-            &c_key,
-            "--reason",
-            "abuse",
-            "--evidence",
-            "flooded",
-        ])
-        .arg("--data-dir")
-        .arg(&a.dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let a_dir = a.dir.to_str().unwrap();
+    common::cli([
+        "mesh",
+        "blacklist",
+        &c_key,
+        "--reason",
+        "abuse",
+        "--evidence",
+        "flooded",
+        "--data-dir",
+        a_dir,
+    ]);
 
     // The record reaches B through gossip, signed by A and enforced there.
     wait_until("b holds the record", Duration::from_secs(15), || {

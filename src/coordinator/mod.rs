@@ -67,7 +67,7 @@ impl KeyResolver for CoordinatorKeys {
         } else if self.clients.contains(key) {
             Some(Role::Client)
         } else if self.mesh.get().is_some_and(|m| m.is_peer(key)) {
-            Some(Role::Agent)
+            Some(Role::Peer)
         } else {
             None
         }

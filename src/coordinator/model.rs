@@ -368,6 +368,21 @@ pub struct SubmitTask {
     pub idempotency_key: Option<String>,
 }
 
+impl SubmitTask {
+    /// A `probe` task with this payload and every other field at its default.
+    pub fn probe(payload: serde_json::Value) -> Self {
+        SubmitTask {
+            kind: TaskKind::Probe,
+            payload,
+            requirements: Requirements::default(),
+            priority: 0,
+            timeout: None,
+            max_attempts: None,
+            idempotency_key: None,
+        }
+    }
+}
+
 /// A lease as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseView {

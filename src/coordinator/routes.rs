@@ -326,7 +326,8 @@ pub async fn claim(
     let wait = parse_wait(q.wait.as_deref()).map_err(IntoResponse::into_response)?;
     // A mesh peer claims only a task this node offered to it, one at a time, and only once its
     // capability record (and so the key its payload is sealed to) is known.
-    let peer = ctx.mesh.get().filter(|m| m.is_peer(&p.key));
+    // Decided once, at authentication: the role says whether this agent is a mesh peer.
+    let peer = ctx.mesh.get().filter(|_| p.role == Role::Peer);
     if let Some(mesh) = peer {
         let offered = req.task.is_some_and(|id| mesh.was_offered(&p.key, id));
         if !offered || req.max != 1 {
@@ -391,7 +392,7 @@ pub async fn post_events(
 ) -> Result<Json<EventsAccepted>, Response> {
     let id = parse_id(&id).map_err(IntoResponse::into_response)?;
     // A mesh peer's events arrive sealed to this node.
-    if let Some(mesh) = ctx.mesh.get().filter(|m| m.is_peer(&p.key)) {
+    if let Some(mesh) = ctx.mesh.get().filter(|_| p.role == Role::Peer) {
         let aad = seal_context("event", id, req.attempt);
         for e in &mut req.events {
             e.data = mesh
@@ -415,7 +416,7 @@ pub async fn post_result(
 ) -> Result<Json<ResultAccepted>, Response> {
     let id = parse_id(&id).map_err(IntoResponse::into_response)?;
     // A mesh peer's result arrives sealed to this node: the output, or the error text.
-    if let Some(mesh) = ctx.mesh.get().filter(|m| m.is_peer(&p.key)) {
+    if let Some(mesh) = ctx.mesh.get().filter(|_| p.role == Role::Peer) {
         let aad = seal_context("result", id, req.attempt);
         match &mut req.outcome {
             ReportedOutcome::Succeeded { output } => {

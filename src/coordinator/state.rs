@@ -965,7 +965,7 @@ impl CoordinatorState {
     }
 
     fn require_agent(p: &Principal) -> Result<(), CoordinatorError> {
-        if p.role == Role::Agent {
+        if matches!(p.role, Role::Agent | Role::Peer) {
             Ok(())
         } else {
             Err(CoordinatorError::Forbidden("act as an agent"))

@@ -14,8 +14,10 @@ pub struct NvmlProbe;
 
 impl GpuProbe for NvmlProbe {
     fn gpus(&self) -> Result<Vec<Gpu>, String> {
-        // No library or no driver: no NVML GPU, not a fault.
-        let Ok(nvml) = Nvml::init() else {
+        // Loaded once per process (the node re-reads the hardware every 30 s). No library or no
+        // driver: no NVML GPU, not a fault.
+        static NVML: std::sync::OnceLock<Option<Nvml>> = std::sync::OnceLock::new();
+        let Some(nvml) = NVML.get_or_init(|| Nvml::init().ok()) else {
             return Ok(Vec::new());
         };
         let n = nvml

@@ -98,18 +98,26 @@ pub struct ChatRequest {
     pub model: String,
     /// Conversation.
     pub messages: Vec<InMessage>,
-    /// Stream as server-sent events.
-    #[serde(default)]
-    pub stream: bool,
-    /// Streaming options.
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
     /// Most tokens (older name).
     #[serde(default)]
     pub max_tokens: Option<u32>,
     /// Most tokens (newer name).
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    /// Streaming and sampling options.
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// Fields both `/v1/chat/completions` and `/v1/completions` take.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Common {
+    /// Stream as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
     /// Temperature, 0 to 2.
     #[serde(default)]
     pub temperature: Option<f32>,
@@ -147,33 +155,15 @@ pub struct CompletionRequest {
     /// Text after the cursor (fill-in-the-middle).
     #[serde(default)]
     pub suffix: Option<String>,
-    /// Stream as server-sent events.
-    #[serde(default)]
-    pub stream: bool,
-    /// Streaming options.
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
     /// Most tokens (OpenAI's default is 16).
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    /// Temperature.
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling.
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    /// Seed.
-    #[serde(default)]
-    pub seed: Option<i64>,
-    /// Stop strings.
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    /// Number of choices; only 1.
-    #[serde(default)]
-    pub n: Option<u32>,
     /// Echo the prompt; unsupported when true.
     #[serde(default)]
     pub echo: Option<bool>,
+    /// Streaming and sampling options.
+    #[serde(flatten)]
+    pub common: Common,
 }
 
 /// Token counts.
@@ -209,8 +199,8 @@ mod tests {
             "ab"
         );
         assert!(r.messages[2].content.is_none());
-        assert_eq!(r.stop.unwrap().list(), vec!["x", "y"]);
-        assert!(r.stream_options.unwrap().include_usage);
+        assert_eq!(r.common.stop.unwrap().list(), vec!["x", "y"]);
+        assert!(r.common.stream_options.unwrap().include_usage);
         let img = Content::Parts(vec![Part {
             kind: "image_url".into(),
             text: None,
@@ -221,7 +211,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(c.prompt, PromptInput::Many(_)));
-        assert_eq!(c.stop.unwrap().list(), vec!["\n"]);
+        assert_eq!(c.common.stop.unwrap().list(), vec!["\n"]);
     }
 
     #[test]

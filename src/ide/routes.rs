@@ -100,49 +100,57 @@ struct Job {
     include_usage: bool,
 }
 
-fn check_common(
-    n: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-) -> Result<(), ApiError> {
-    if n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("Only n = 1 is supported.").param("n"));
+impl Common {
+    /// Checks what this node does not support or OpenAI does not allow.
+    fn check(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("Only n = 1 is supported.").param("n"));
+        }
+        if self.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err(
+                ApiError::bad_request("temperature must be between 0 and 2.").param("temperature"),
+            );
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return Err(ApiError::bad_request("top_p must be in (0, 1].").param("top_p"));
+        }
+        Ok(())
     }
-    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-        return Err(
-            ApiError::bad_request("temperature must be between 0 and 2.").param("temperature"),
-        );
-    }
-    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-        return Err(ApiError::bad_request("top_p must be in (0, 1].").param("top_p"));
-    }
-    Ok(())
-}
 
-/// Sampling fields shared by both endpoints, as the generation payload wants them.
-fn sampling(
-    payload: &mut serde_json::Map<String, serde_json::Value>,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<&Stop>,
-) {
-    if let Some(m) = max_tokens {
-        payload.insert("max_tokens".into(), m.into());
-    }
-    if let Some(t) = temperature {
-        payload.insert("temperature".into(), t.into());
-    }
-    if let Some(p) = top_p {
-        payload.insert("top_p".into(), p.into());
-    }
-    if let Some(s) = seed {
-        // OpenAI seeds are 64-bit; the sampler takes 32.
-        payload.insert("seed".into(), ((s as u64) & 0xFFFF_FFFF).into());
-    }
-    if let Some(s) = stop {
-        payload.insert("stop".into(), s.list().into());
+    /// The job for a payload: sampling fields added as the generation payload wants them.
+    fn job(
+        &self,
+        object: Object,
+        model: &str,
+        mut payload: serde_json::Map<String, serde_json::Value>,
+        max_tokens: Option<u32>,
+    ) -> Job {
+        if let Some(m) = max_tokens {
+            payload.insert("max_tokens".into(), m.into());
+        }
+        if let Some(t) = self.temperature {
+            payload.insert("temperature".into(), t.into());
+        }
+        if let Some(p) = self.top_p {
+            payload.insert("top_p".into(), p.into());
+        }
+        if let Some(s) = self.seed {
+            // OpenAI seeds are 64-bit; the sampler takes 32.
+            payload.insert("seed".into(), ((s as u64) & 0xFFFF_FFFF).into());
+        }
+        if let Some(s) = &self.stop {
+            payload.insert("stop".into(), s.list().into());
+        }
+        Job {
+            object,
+            model: model.to_string(),
+            payload: payload.into(),
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        }
     }
 }
 
@@ -153,7 +161,7 @@ pub async fn chat(
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> Response {
     let job = (|| {
-        check_common(req.n, req.temperature, req.top_p)?;
+        req.common.check()?;
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("messages must not be empty.").param("messages"));
         }
@@ -177,21 +185,7 @@ pub async fn chat(
         let mut payload = serde_json::Map::new();
         payload.insert("messages".into(), messages.into());
         let max = req.max_completion_tokens.or(req.max_tokens);
-        sampling(
-            &mut payload,
-            max,
-            req.temperature,
-            req.top_p,
-            req.seed,
-            req.stop.as_ref(),
-        );
-        Ok(Job {
-            object: Object::Chat,
-            model: req.model.clone(),
-            payload: payload.into(),
-            stream: req.stream,
-            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        })
+        Ok(req.common.job(Object::Chat, &req.model, payload, max))
     })();
     match job {
         Ok(job) => run(ctx, caller.0, job).await,
@@ -209,7 +203,7 @@ pub async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Response {
     let job = (|| {
-        check_common(req.n, req.temperature, req.top_p)?;
+        req.common.check()?;
         if req.echo == Some(true) {
             return Err(ApiError::bad_request("echo is not supported.").param("echo"));
         }
@@ -229,21 +223,9 @@ pub async fn completions(
             payload.insert("suffix".into(), s.clone().into());
         }
         let max = req.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS);
-        sampling(
-            &mut payload,
-            Some(max),
-            req.temperature,
-            req.top_p,
-            req.seed,
-            req.stop.as_ref(),
-        );
-        Ok(Job {
-            object: Object::Completion,
-            model: req.model.clone(),
-            payload: payload.into(),
-            stream: req.stream,
-            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        })
+        Ok(req
+            .common
+            .job(Object::Completion, &req.model, payload, Some(max)))
     })();
     match job {
         Ok(job) => run(ctx, caller.0, job).await,

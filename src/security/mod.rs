@@ -51,6 +51,9 @@ pub enum Role {
     Agent,
     /// A client allowed to submit and read its own tasks.
     Client,
+    /// A mesh member acting as an agent of this coordinator: it may claim only tasks offered to
+    /// it, and its payloads, events and results are sealed.
+    Peer,
 }
 
 /// The authenticated caller of a request.

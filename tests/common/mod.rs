@@ -38,6 +38,17 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+/// Runs the `edgecoder` command line with `args`; panics with its stderr unless it succeeds.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> std::process::Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "edgecoder failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A plain blocking HTTP GET (safe to call from inside a tokio runtime): status and body.
 pub fn get(url: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
@@ -265,16 +276,7 @@ pub fn wait_ready(dir: &Path, child: &Child) -> NodeInfo {
 
 /// Submits a probe and returns its id.
 pub async fn submit_probe(c: &CoordinatorClient, payload: serde_json::Value) -> TaskId {
-    let req = SubmitTask {
-        kind: TaskKind::Probe,
-        payload,
-        requirements: Requirements::default(),
-        priority: 0,
-        timeout: None,
-        max_attempts: None,
-        idempotency_key: None,
-    };
-    let v: TaskView = c.post("/tasks", &req).await.unwrap();
+    let v: TaskView = c.post("/tasks", &SubmitTask::probe(payload)).await.unwrap();
     v.id
 }
 
