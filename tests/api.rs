@@ -15,15 +15,7 @@ use futures_util::StreamExt;
 use reqwest::Method;
 
 fn submit(payload: serde_json::Value) -> SubmitTask {
-    SubmitTask {
-        kind: TaskKind::Probe,
-        payload,
-        requirements: Requirements::default(),
-        priority: 0,
-        timeout: None,
-        max_attempts: None,
-        idempotency_key: None,
-    }
+    SubmitTask::probe(payload)
 }
 
 async fn raw(node: &Node, method: Method, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
