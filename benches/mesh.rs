@@ -22,24 +22,28 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The simulation's absolute time of `ms` since its start (observations carry absolute times).
+fn sim_start_ms(sim: &Sim, ms: u64) -> u64 {
+    sim.epoch_ms() + ms
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing useful either way.
     let nodes: usize = env("MESH_BENCH_NODES", 1000);
     let loss: f64 = env("MESH_BENCH_LOSS", 0.2);
     let minutes: u64 = env("MESH_BENCH_MINUTES", 10);
     let seed: u64 = env("MESH_BENCH_SEED", 7);
-    let mut tuning = Tuning::for_cluster(nodes);
+    let mut tuning = Tuning::default();
     // Overrides for exploring the protocol's settings.
-    if let Some(ms) = std::env::var("MESH_BENCH_GOSSIP_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        tuning.gossip_period = Duration::from_millis(ms);
-    }
+    let millis = |name: &str, d: Duration| Duration::from_millis(env(name, d.as_millis() as u64));
+    tuning.gossip_period = millis("MESH_BENCH_GOSSIP_MS", tuning.gossip_period);
+    tuning.probe_period = millis("MESH_BENCH_PROBE_MS", tuning.probe_period);
+    tuning.suspicion_min = millis("MESH_BENCH_SUSPICION_MS", tuning.suspicion_min);
     tuning.gossip_fanout = env("MESH_BENCH_FANOUT", tuning.gossip_fanout);
     tuning.indirect_probes = env("MESH_BENCH_INDIRECT", tuning.indirect_probes);
-    tuning.max_transmissions = env("MESH_BENCH_TRANSMISSIONS", tuning.max_transmissions);
-    tuning.max_packet = env("MESH_BENCH_PACKET", tuning.max_packet);
+    tuning.probe_rounds = env("MESH_BENCH_ROUNDS", tuning.probe_rounds);
+    tuning.retransmit_mult = env("MESH_BENCH_RETRANSMIT", tuning.retransmit_mult);
+    tuning.piggyback_bytes = env("MESH_BENCH_PIGGYBACK", tuning.piggyback_bytes);
     println!(
         "mesh simulation: {nodes} nodes, {:.0}% loss, latency 1-5 ms, seed {seed}",
         loss * 100.0
@@ -71,11 +75,13 @@ fn main() {
             break;
         }
     }
-    // Every node publishes its capabilities once, as a booting node does; let that settle.
+    // Every node publishes its capabilities once, as a booting node does; let that settle
+    // (a thousand new records, each passed on by every node: minutes of gossip at first).
+    let settle: u64 = env("MESH_BENCH_SETTLE_S", 180);
     for i in 0..nodes {
         sim.publish_caps(i, &["qwen2.5-coder-1.5b"]);
     }
-    t += 30_000;
+    t += settle * 1000;
     sim.run_until(t);
     let observed_before = sim.observed.len();
 
@@ -134,6 +140,7 @@ fn main() {
     let bytes_before: u64 = sim.bytes_sent.iter().sum();
     let kinds_before = sim.by_kind.clone();
     let msgs_before = sim.messages;
+    let swim_before = sim.swim_totals();
     let start = sim.now_ms();
     let end = start + minutes * 60_000;
     while sim.now_ms() < end {
@@ -158,12 +165,36 @@ fn main() {
     );
     for (k, (n, b)) in &sim.by_kind {
         let (n0, b0) = kinds_before.get(k).copied().unwrap_or_default();
+        let unit = if k.starts_with('(') {
+            "items   "
+        } else {
+            "messages"
+        };
         println!(
-            "  {k:<12} {:>8.2} messages/s per node, {:>7.0} bytes/s per node",
+            "  {k:<12} {:>8.2} {unit}/s per node, {:>7.0} bytes/s per node",
             (n - n0) as f64 / live / secs,
             (b - b0) as f64 / live / secs
         );
     }
+    let swim = sim.swim_totals();
+    println!(
+        "  membership: {} probes failed, {} suspicions raised, {} declared dead, {} refuted, {} updates that were news; mean local health {:.2}",
+        swim.probes_failed - swim_before.probes_failed,
+        swim.suspected - swim_before.suspected,
+        swim.declared_dead - swim_before.declared_dead,
+        swim.refuted - swim_before.refuted,
+        swim.news - swim_before.news,
+        f64::from(swim.health) / live
+    );
+    let refuted = sim
+        .observed
+        .iter()
+        .filter(|(at, o)| *at >= sim_start_ms(&sim, start) && matches!(o, Observed::Refuted { .. }))
+        .count();
+    println!(
+        "  suspicions of live nodes refuted in steady state: {refuted} ({:.3}/s across the mesh)",
+        refuted as f64 / secs
+    );
     for (at, node, peer) in false_deaths.iter().take(10) {
         println!("  false death: node {node} declared {peer} dead at {at} ms");
     }

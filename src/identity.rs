@@ -205,6 +205,15 @@ impl Identity {
         }
     }
 
+    /// An identity from given secret bytes (the simulation derives them from its seed so that
+    /// a run repeats exactly; real nodes use [`Identity::generate`]).
+    pub fn from_secrets(ed25519: [u8; 32], x25519: [u8; 32]) -> Self {
+        Identity {
+            signing: SigningKey::from_bytes(&ed25519),
+            x25519: StaticSecret::from(x25519),
+        }
+    }
+
     /// The ed25519 signing key.
     pub fn signing_key(&self) -> &SigningKey {
         &self.signing

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{BIN, Node, get, get_json};
 use edgecoder::identity::Identity;
-use edgecoder::mesh::wire::{self, Message};
+use edgecoder::mesh::wire::{self, Message, Packet, Probe};
 
 /// Fast SWIM timers so the tests take seconds.
 const FAST: &[&str] = &[
@@ -200,12 +200,23 @@ fn now_ms() -> u64 {
     edgecoder::clock::now_ms()
 }
 
+/// A well-formed SWIM packet that means nothing to a node that does not know its sender.
+fn junk() -> Message {
+    Message::Swim(Packet {
+        generation: 1,
+        probe: Probe::Gossip,
+        intro: None,
+        updates: vec![],
+        records: vec![],
+    })
+}
+
 #[test]
 fn forged_tampered_replayed_expired_and_oversized_envelopes_are_refused_and_counted() {
     let a = start("127.0.0.6", None);
     let url = a.coordinator();
     let stranger = Identity::generate();
-    let msg = || Message::Swim(vec![7; 32]);
+    let msg = junk;
 
     // A well-formed envelope from an unknown key is accepted (SWIM ignores the junk packet)...
     let good = wire::seal(&stranger, msg(), now_ms());
@@ -233,7 +244,14 @@ fn forged_tampered_replayed_expired_and_oversized_envelopes_are_refused_and_coun
     assert_eq!(post(&url, &old), 401);
 
     // Oversized: over mesh.max_envelope (64 KiB), refused before decoding.
-    let big = wire::seal(&stranger, Message::Swim(vec![1; 70_000]), now_ms());
+    let big = wire::seal(
+        &stranger,
+        Message::Records(vec![wire::SignedRecord {
+            body: vec![1; 70_000],
+            sig: wire::Sig([0; 64]),
+        }]),
+        now_ms(),
+    );
     assert_eq!(post(&url, &big), 413);
 
     // Garbage.
@@ -267,7 +285,7 @@ fn a_flooding_peer_is_throttled_while_the_mesh_keeps_working() {
             std::thread::spawn(move || {
                 let mut limited = 0;
                 for _ in 0..400 {
-                    let env = wire::seal(&id, Message::Swim(vec![0; 16]), now_ms());
+                    let env = wire::seal(&id, junk(), now_ms());
                     if post(&url, &env) == 429 {
                         limited += 1;
                     }

@@ -1,112 +1,108 @@
-//! The mesh state machine, free of I/O: SWIM membership (foca), record dissemination
-//! (piggybacked on SWIM packets, bounded hops) and anti-entropy.
+//! The mesh state machine of one node, free of I/O: SWIM membership ([`super::swim`]), signed
+//! records gossiped on SWIM packets (bounded hops) and repaired by anti-entropy, and the
+//! plumbing between them.
 //!
-//! Every input carries the current time; every output (messages to send, timers to arm, events
-//! for the rest of the node) is collected and drained by the caller. The node drives one `Core`
-//! from a tokio task over HTTP; the simulation drives thousands over an in-memory network with a
-//! virtual clock. Both run exactly this code.
+//! Every input carries the current time; every output (messages to send, events for the rest of
+//! the node) is collected and drained by the caller, who also calls [`Core::tick`] at
+//! [`Core::next_wakeup`]. The node drives one `Core` from a tokio task over HTTP; the
+//! simulation drives thousands over an in-memory network with a virtual clock. Both run exactly
+//! this code.
+//!
+//! A node's identity (key, URL, generation) is itself a signed record ([`PeerRecord`]): learned
+//! from `/identity` when joining, from an intro on a first message, by gossip, or by
+//! anti-entropy. Membership messages then name members by key and generation only.
 
 use std::collections::HashMap;
-use std::num::{NonZeroU8, NonZeroUsize};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use foca::{BroadcastHandler, Foca, Invalidates, Member, OwnedNotification, PostcardCodec, Timer};
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::records::{Accepted, Records};
-use super::wire::{CapRecord, Message, Offer, PeerId, Record, RecordKind, SignedRecord};
+use super::swim::{Swim, SwimEvent, SwimStats};
+use super::wire::{
+    CapRecord, DigestEntry, Item, MemberState, Message, Offer, PeerId, PeerRecord, Record,
+    RecordKind, SignedRecord, WireError,
+};
 use crate::identity::{Identity, KeyId};
 
 /// Most hops a record travels from its author through piggybacked gossip (anti-entropy repairs
 /// anything it did not reach).
 pub const MAX_HOPS: u8 = 12;
 
-/// Most record bytes sent in one anti-entropy answer (envelopes are capped at 64 KiB by default).
+/// Most record (or digest) bytes sent in one anti-entropy message (envelopes are capped at
+/// 64 KiB by default).
 pub const MAX_SYNC_BYTES: usize = 32 * 1024;
 
-/// While a node knows no active member it re-announces itself to its seeds this often.
-pub const JOIN_RETRY: Duration = Duration::from_secs(2);
+/// While an anti-entropy round still finds records to fetch, the next one follows this soon
+/// (a node that just joined catches up in seconds, not in `sync_interval`s).
+const CATCH_UP_MS: u64 = 300;
 
-/// Protocol timings and sizes.
+/// An identity this node lacks is asked for at most this often.
+const ASK_AGAIN_MS: u64 = 5_000;
+
+/// Anti-entropy digests hold about this many entries per bucket.
+const ENTRIES_PER_BUCKET: usize = 64;
+
+/// Bytes of one digest entry on the wire, at most (kind, 32-byte key, varint seq).
+const DIGEST_ENTRY_BYTES: usize = 44;
+
+/// Protocol timings and sizes. The defaults suit a LAN of up to a few thousand nodes; the
+/// retransmission count grows with the membership on its own.
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// SWIM probe period.
+    /// SWIM protocol period: one probe per period (times 1 + local health).
     pub probe_period: Duration,
-    /// Wait for a direct ack before indirect probes.
-    pub probe_rtt: Duration,
-    /// Members asked to probe indirectly.
+    /// Rounds of one probe (the first direct only, each later one a direct ping plus
+    /// `indirect_probes` relays), evenly spread over the period.
+    pub probe_rounds: u32,
+    /// Members asked to probe indirectly in each round after the first.
     pub indirect_probes: usize,
-    /// How long a suspect has to refute before it is declared down.
-    pub suspect_timeout: Duration,
-    /// Times each update is piggybacked by each node.
-    pub max_transmissions: u8,
-    /// Periodic gossip of pending updates: period and fanout.
+    /// Shortest time a suspect has to refute (reached with `suspicion_confirmations`
+    /// independent accusers).
+    pub suspicion_min: Duration,
+    /// The longest time, as a multiple of the shortest (a lone accuser).
+    pub suspicion_max_mult: u32,
+    /// Independent accusers that bring a suspicion down to `suspicion_min`.
+    pub suspicion_confirmations: usize,
+    /// Highest local-health score (probe period multiplier minus one).
+    pub max_health: u32,
+    /// Times each update is piggybacked by each node: this times ⌈log10(n + 1)⌉.
+    pub retransmit_mult: u32,
+    /// Pending updates are pushed this often...
     pub gossip_period: Duration,
-    /// Fanout of periodic gossip.
+    /// ...to this many random members.
     pub gossip_fanout: usize,
-    /// Periodic membership sync (foca announce) with one member.
-    pub announce_period: Duration,
-    /// Record anti-entropy with one member.
+    /// Bytes of updates and records piggybacked on one message, at most.
+    pub piggyback_bytes: usize,
+    /// A random dead member is pinged this often (partitions heal).
+    pub reconnect_period: Duration,
+    /// Record anti-entropy with one random member this often.
     pub sync_interval: Duration,
-    /// Largest SWIM packet.
-    pub max_packet: usize,
-    /// Down members are forgotten after this long.
+    /// Dead members (and their records) are forgotten after this long.
     pub forget_down_after: Duration,
 }
 
-impl Tuning {
-    /// Defaults for a cluster of about `n` nodes on a LAN (memberlist's rules: suspicion and
-    /// retransmissions grow with log10(n)).
-    pub fn for_cluster(n: usize) -> Self {
-        let log = (n.max(10) as f64).log10();
+impl Default for Tuning {
+    fn default() -> Self {
         Tuning {
             probe_period: Duration::from_secs(1),
-            probe_rtt: Duration::from_millis(400),
-            indirect_probes: 8,
-            suspect_timeout: Duration::from_secs_f64(2.5 * log),
-            max_transmissions: (4.0 * (log + 1.0)).ceil().min(255.0) as u8,
+            probe_rounds: 5,
+            indirect_probes: 2,
+            suspicion_min: Duration::from_secs(5),
+            suspicion_max_mult: 6,
+            suspicion_confirmations: 3,
+            max_health: 8,
+            retransmit_mult: 3,
             gossip_period: Duration::from_millis(200),
             gossip_fanout: 3,
-            announce_period: Duration::from_secs(10),
+            piggyback_bytes: 1_200,
+            reconnect_period: Duration::from_secs(5),
             sync_interval: Duration::from_secs(10),
-            max_packet: 4096,
             forget_down_after: Duration::from_secs(24 * 3600),
         }
-    }
-
-    fn foca(&self) -> foca::Config {
-        let mut c = foca::Config::simple();
-        c.probe_period = self.probe_period;
-        c.probe_rtt = self.probe_rtt;
-        c.num_indirect_probes =
-            NonZeroUsize::new(self.indirect_probes.max(1)).unwrap_or(NonZeroUsize::MIN);
-        c.max_transmissions =
-            NonZeroU8::new(self.max_transmissions.max(1)).unwrap_or(NonZeroU8::MIN);
-        c.suspect_to_down_after = self.suspect_timeout;
-        c.remove_down_after = Some(self.forget_down_after);
-        c.max_packet_size =
-            NonZeroUsize::new(self.max_packet.max(512)).unwrap_or(NonZeroUsize::MIN);
-        // Off: with it, a node that merely looked inactive to one peer (a conflicting or
-        // unknown identity) was told it was down and rejoined; in the simulation at 5 % loss
-        // that caused every false death seen. A node declared down still learns it from the
-        // gossiped Down update and rejoins.
-        c.notify_down_members = false;
-        c.periodic_announce = Some(foca::PeriodicParams {
-            frequency: self.announce_period,
-            num_members: NonZeroUsize::MIN,
-        });
-        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
-            frequency: self.announce_period,
-            num_members: NonZeroUsize::MIN,
-        });
-        c.periodic_gossip = Some(foca::PeriodicParams {
-            frequency: self.gossip_period,
-            num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).unwrap_or(NonZeroUsize::MIN),
-        });
-        c
     }
 }
 
@@ -116,9 +112,9 @@ impl Tuning {
 pub enum PeerState {
     /// Answering.
     Alive,
-    /// Failed a probe; it has `suspect_timeout` to refute.
+    /// Failed a probe; it has until its suspicion runs out to refute.
     Suspect,
-    /// Declared dead (or left).
+    /// Declared dead, or left.
     Dead,
 }
 
@@ -129,7 +125,7 @@ pub enum Event {
     PeerUp(PeerId),
     /// A peer was declared dead or left.
     PeerDown(PeerId),
-    /// A record was learned (new capabilities, a blacklist entry).
+    /// A record was learned (an identity, new capabilities, a blacklist entry).
     Record(Record),
     /// A task offer arrived.
     Offer {
@@ -138,16 +134,19 @@ pub enum Event {
         /// The offer.
         offer: Offer,
     },
-    /// This node was declared dead by the cluster and rejoined under a new generation.
-    Rejoined,
+    /// The mesh suspected this node (or declared it dead) and it refuted.
+    Refuted {
+        /// It had been declared dead.
+        dead: bool,
+    },
 }
 
 /// Counters of what the core refused or did.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CoreStats {
-    /// SWIM packets foca could not decode or that carried bad identities.
+    /// SWIM packets refused (bounds, an intro that is not the sender's).
     pub swim_rejected: u64,
-    /// Records refused (bad signature, malformed).
+    /// Records refused (bad signature, malformed, over a limit).
     pub records_rejected: u64,
     /// Records learned.
     pub records_learned: u64,
@@ -157,130 +156,21 @@ pub struct CoreStats {
     pub syncs: u64,
     /// Messages other than SWIM dropped because their sender is not an active member.
     pub not_member: u64,
-}
-
-/// A broadcast item's identity for foca's backlog: a newer version of the same record replaces
-/// an older one still waiting to be sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ItemKey {
-    kind: RecordKind,
-    author: KeyId,
-    seq: u64,
-}
-
-impl Invalidates for ItemKey {
-    fn invalidates(&self, other: &Self) -> bool {
-        self.kind == other.kind
-            && self.author == other.author
-            && match self.kind {
-                RecordKind::Caps => self.seq >= other.seq,
-                RecordKind::Blacklist => self.seq == other.seq,
-            }
-    }
-}
-
-/// One gossiped item: a signed record and the hops it has travelled.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Item {
-    hops: u8,
-    record: SignedRecord,
-}
-
-/// Records shared between the core and foca's broadcast handler.
-#[derive(Debug, Default)]
-struct Shared {
-    records: Records,
-    /// Items learned from peers, to gossip on with one more hop.
-    forward: Vec<Item>,
-    learned: Vec<Record>,
-    rejected: u64,
-}
-
-/// The broadcast handler never fails (bad items are counted and skipped).
-#[derive(Debug, thiserror::Error)]
-#[error("never returned")]
-pub struct NoError;
-
-struct Handler(Arc<Mutex<Shared>>);
-
-impl BroadcastHandler<PeerId> for Handler {
-    type Key = ItemKey;
-    type Error = NoError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        sender: Option<&PeerId>,
-    ) -> Result<Option<ItemKey>, NoError> {
-        // Never an error: a bad item must not make foca drop the SWIM packet it rode on.
-        let Ok(item) = postcard::from_bytes::<Item>(data) else {
-            lock(&self.0).rejected += 1;
-            return Ok(None);
-        };
-        let key = |r: &Record| ItemKey {
-            kind: r.kind(),
-            author: r.author(),
-            seq: r.seq(),
-        };
-        let mut s = lock(&self.0);
-        if sender.is_none() {
-            // Our own `add_broadcast`: the caller has stored it already.
-            return Ok(item.record.open().ok().map(|r| key(&r)));
-        }
-        match s.records.accept(&item.record) {
-            Accepted::New(r) => {
-                if item.hops < MAX_HOPS {
-                    s.forward.push(Item {
-                        hops: item.hops + 1,
-                        record: item.record,
-                    });
-                }
-                s.learned.push(r);
-            }
-            Accepted::Invalid(_) => s.rejected += 1,
-            Accepted::Known | Accepted::OutOfOrder => {}
-        }
-        Ok(None)
-    }
-}
-
-fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// What foca asked for while handling one input.
-#[derive(Default)]
-struct Rt {
-    send: Vec<(PeerId, Vec<u8>)>,
-    timers: Vec<(Timer<PeerId>, Duration)>,
-    notes: Vec<OwnedNotification<PeerId>>,
-}
-
-impl foca::Runtime<PeerId> for Rt {
-    fn notify(&mut self, n: foca::Notification<'_, PeerId>) {
-        self.notes.push(n.to_owned());
-    }
-
-    fn send_to(&mut self, to: PeerId, data: &[u8]) {
-        self.send.push((to, data.to_vec()));
-    }
-
-    fn submit_after(&mut self, event: Timer<PeerId>, after: Duration) {
-        self.timers.push((event, after));
-    }
+    /// Membership counters.
+    pub swim: SwimStats,
 }
 
 /// A peer as the node reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerView {
-    /// Identity.
+    /// Address and generation.
     pub id: PeerId,
     /// Membership state.
     pub state: PeerState,
     /// Last message received from it directly (ms since the epoch; 0: never).
     pub last_seen_ms: u64,
     /// SWIM incarnation (bumped by the peer each time it refutes a suspicion).
-    pub incarnation: u16,
+    pub incarnation: u32,
 }
 
 /// Outputs collected since the last drain.
@@ -288,8 +178,6 @@ pub struct PeerView {
 pub struct Outputs {
     /// Messages to send.
     pub send: Vec<(PeerId, Message)>,
-    /// Timers to arm: deliver `Timer` back through [`Core::handle_timer`] after the delay.
-    pub timers: Vec<(Timer<PeerId>, Duration)>,
     /// Events.
     pub events: Vec<Event>,
 }
@@ -297,35 +185,39 @@ pub struct Outputs {
 /// The mesh state machine of one node.
 pub struct Core {
     identity: Arc<Identity>,
-    url: String,
-    foca: Foca<PeerId, PostcardCodec, SmallRng, Handler>,
-    shared: Arc<Mutex<Shared>>,
+    own_record: SignedRecord,
+    swim: Swim,
+    records: Records,
     tuning: Tuning,
-    last_seen: HashMap<KeyId, u64>,
     out: Outputs,
     stats: CoreStats,
     rng: SmallRng,
     next_sync_ms: u64,
+    /// The member the last anti-entropy round still found records with.
+    catch_up: Option<KeyId>,
     cap_seq: u64,
-    /// Peers joined through: re-announced to while this node knows no active member (a lost
-    /// join, a restart of the whole mesh).
-    seeds: Vec<PeerId>,
-    next_retry_ms: u64,
-    told_down: HashMap<KeyId, u64>,
-    last_rejoin_ms: u64,
+    asked: HashMap<KeyId, u64>,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("me", self.foca.identity())
+            .field("me", self.swim.me())
             .finish_non_exhaustive()
     }
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn valid_buckets(n: usize) -> bool {
+    (1..=256).contains(&n) && n.is_power_of_two()
+}
+
 impl Core {
-    /// A node that knows no one yet. `trusted` reporters' blacklist records are enforced (this
-    /// node's own always are).
+    /// A node that knows no one yet, whose process generation is `now_ms`. `trusted`
+    /// reporters' blacklist records are enforced (this node's own always are).
     pub fn new(
         identity: Arc<Identity>,
         url: &str,
@@ -334,47 +226,53 @@ impl Core {
         now_ms: u64,
         seed: u64,
     ) -> Self {
-        let me = PeerId::new(&identity, url, now_ms);
-        let shared = Arc::new(Mutex::new(Shared {
-            records: Records::new(trusted.into_iter().chain([identity.key_id()])),
-            ..Default::default()
-        }));
-        let foca = Foca::with_custom_broadcast(
-            me,
-            tuning.foca(),
-            SmallRng::seed_from_u64(seed),
-            PostcardCodec,
-            Handler(shared.clone()),
+        let me = PeerRecord {
+            node: identity.key_id(),
+            generation: now_ms,
+            url: url.to_string(),
+        };
+        let own_record = SignedRecord::sign(&identity, &Record::Peer(me.clone()));
+        let mut records = Records::new(trusted.into_iter().chain([identity.key_id()]));
+        records.accept(&own_record);
+        let swim = Swim::new(
+            PeerId::of(&me),
+            own_record.clone(),
+            tuning.clone(),
+            now_ms,
+            seed,
         );
         Core {
             identity,
-            url: url.to_string(),
-            foca,
-            shared,
-            next_sync_ms: now_ms + tuning.sync_interval.as_millis() as u64,
+            own_record,
+            swim,
+            records,
+            next_sync_ms: now_ms + ms(tuning.sync_interval),
             tuning,
-            last_seen: HashMap::new(),
             out: Outputs::default(),
             stats: CoreStats::default(),
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
+            catch_up: None,
             cap_seq: 0,
-            seeds: Vec::new(),
-            next_retry_ms: 0,
-            told_down: HashMap::new(),
-            last_rejoin_ms: 0,
+            asked: HashMap::new(),
         }
     }
 
-    /// This node's current identity.
+    /// This node's address and generation.
     pub fn me(&self) -> &PeerId {
-        self.foca.identity()
+        self.swim.me()
+    }
+
+    /// This node's signed identity (what `/identity` hands out for joining).
+    pub fn own_record(&self) -> &SignedRecord {
+        &self.own_record
     }
 
     /// Counters.
     pub fn stats(&self) -> CoreStats {
-        let mut s = self.stats;
-        s.records_rejected += lock(&self.shared).rejected;
-        s
+        CoreStats {
+            swim: self.swim.stats(),
+            ..self.stats
+        }
     }
 
     /// Takes what accumulated since the last call.
@@ -382,264 +280,303 @@ impl Core {
         std::mem::take(&mut self.out)
     }
 
-    fn absorb(&mut self, rt: Rt) {
-        for (to, data) in rt.send {
-            self.out.send.push((to, Message::Swim(data)));
+    /// When [`Core::tick`] has work next (ms since the epoch); `u64::MAX`: nothing is due (a
+    /// node alone never wakes).
+    pub fn next_wakeup(&self) -> u64 {
+        let mut t = self.swim.next_wakeup();
+        if self.swim.active_count() > 0 {
+            t = t.min(self.next_sync_ms);
         }
-        self.out.timers.extend(rt.timers);
-        for n in rt.notes {
-            match n {
-                OwnedNotification::MemberUp(p) => self.out.events.push(Event::PeerUp(p)),
-                OwnedNotification::MemberDown(p) => self.out.events.push(Event::PeerDown(p)),
-                OwnedNotification::Rename(old, new) => {
-                    self.out.events.push(Event::PeerDown(old));
-                    self.out.events.push(Event::PeerUp(new));
-                }
-                OwnedNotification::Defunct => self.rejoin(),
-                _ => {}
-            }
-        }
-        // Records learned from piggybacked items: report, and gossip on with one more hop.
-        let (forward, learned) = {
-            let mut s = lock(&self.shared);
-            (
-                std::mem::take(&mut s.forward),
-                std::mem::take(&mut s.learned),
-            )
+        t
+    }
+
+    /// Joins through a peer whose signed identity was learned out of band (its `/identity`).
+    ///
+    /// # Errors
+    /// The record does not verify or is not an identity.
+    pub fn join(&mut self, record: &SignedRecord, now_ms: u64) -> Result<(), WireError> {
+        let Record::Peer(p) = record.open()? else {
+            return Err(WireError::Invalid("not a peer identity"));
         };
-        self.stats.records_learned += learned.len() as u64;
-        self.out
-            .events
-            .extend(learned.into_iter().map(Event::Record));
-        for item in forward {
-            self.queue_item(&item);
+        if p.node == self.identity.key_id() {
+            return Ok(());
         }
+        self.accept(record, now_ms);
+        self.swim.learn(PeerId::of(&p), now_ms);
+        // This node's identity spreads by gossip from here, not only to the members it
+        // happens to contact.
+        let me = self.swim.me().clone();
+        self.swim.gossip_record(
+            Item {
+                hops: 0,
+                record: self.own_record.clone(),
+            },
+            RecordKind::Peer,
+            me.key,
+            me.generation,
+            now_ms,
+        );
+        self.swim.join(&p.node);
+        // Catch up on identities and capabilities with the seed as soon as it has answered
+        // (it takes digests from members only), rather than at the next round.
+        self.catch_up = Some(p.node);
+        self.next_sync_ms = self.next_sync_ms.min(now_ms + CATCH_UP_MS);
+        self.pump(now_ms);
+        Ok(())
     }
 
-    fn queue_item(&mut self, item: &Item) {
-        if let Ok(bytes) = postcard::to_allocvec(item) {
-            let _ = self.foca.add_broadcast(&bytes);
-        }
-    }
-
-    /// The cluster declared this identity dead (a partition, a long pause): come back under a
-    /// newer generation, which wins over the old one everywhere.
-    fn rejoin(&mut self) {
-        let old = self.foca.identity().clone();
-        let generation = old.generation + 1;
-        let new = PeerId::new(&self.identity, &self.url, generation);
-        let members: Vec<PeerId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
-        let mut rt = Rt::default();
-        if self.foca.change_identity(new, &mut rt).is_ok() {
-            for m in members.into_iter().take(3) {
-                let _ = self.foca.announce(m, &mut rt);
-            }
-            self.out.events.push(Event::Rejoined);
-        }
-        // `absorb` would recurse into `rejoin` on a second Defunct; take the sends directly.
-        for (to, data) in rt.send {
-            self.out.send.push((to, Message::Swim(data)));
-        }
-        self.out.timers.extend(rt.timers);
-    }
-
-    /// Joins through a peer whose identity was learned out of band (its `/identity`).
-    pub fn join(&mut self, peer: PeerId) {
-        if peer.key == self.me().key {
-            return;
-        }
-        self.seeds.retain(|s| s.key != peer.key);
-        self.seeds.push(peer.clone());
-        let mut rt = Rt::default();
-        let _ = self.foca.announce(peer, &mut rt);
-        self.absorb(rt);
-    }
-
-    /// A timer armed earlier fired.
-    pub fn handle_timer(&mut self, timer: Timer<PeerId>) {
-        let mut rt = Rt::default();
-        let _ = self.foca.handle_timer(timer, &mut rt);
-        self.absorb(rt);
-    }
-
-    /// Periodic work foca does not drive: record anti-entropy. Call at least once a second.
+    /// Does whatever is due: probes, suspicion timeouts, gossip, anti-entropy.
     pub fn tick(&mut self, now_ms: u64) {
-        if now_ms >= self.next_retry_ms {
-            self.next_retry_ms = now_ms + JOIN_RETRY.as_millis() as u64;
-            if self.foca.num_members() == 0 && !self.seeds.is_empty() {
-                let mut rt = Rt::default();
-                for s in &self.seeds {
-                    let _ = self.foca.announce(s.clone(), &mut rt);
-                }
-                self.absorb(rt);
+        self.swim.tick(now_ms);
+        if now_ms >= self.next_sync_ms {
+            self.next_sync_ms = now_ms + ms(self.tuning.sync_interval);
+            self.records
+                .prune_tombstones(now_ms, ms(self.tuning.forget_down_after));
+            let partner = self
+                .catch_up
+                .take()
+                .filter(|k| self.swim.active_member(k).is_some())
+                .or_else(|| {
+                    let active: Vec<KeyId> = self.swim.active().map(|p| p.key).collect();
+                    (!active.is_empty()).then(|| active[self.rng.random_range(0..active.len())])
+                });
+            if let Some(k) = partner {
+                self.sync_with(k);
             }
         }
-        if now_ms < self.next_sync_ms {
+        self.pump(now_ms);
+    }
+
+    fn sync_with(&mut self, key: KeyId) {
+        let Some(to) = self.swim.member(&key).cloned() else {
             return;
-        }
-        self.next_sync_ms = now_ms + self.tuning.sync_interval.as_millis() as u64;
-        let members: Vec<PeerId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
-        if members.is_empty() {
-            return;
-        }
-        let i = rand::RngExt::random_range(&mut self.rng, 0..members.len());
-        let (digest, count) = lock(&self.shared).records.digest();
+        };
+        let buckets = (self.records.len() / ENTRIES_PER_BUCKET)
+            .next_power_of_two()
+            .clamp(1, 256);
+        let digests = self.records.bucket_digests(buckets);
         self.stats.syncs += 1;
         self.out
             .send
-            .push((members[i].clone(), Message::SyncHello { digest, count }));
+            .push((to, Message::SyncHello { buckets: digests }));
+    }
+
+    /// Stores a record if it is news and tells the rest of the node; the record when new.
+    fn accept(&mut self, sr: &SignedRecord, now_ms: u64) -> Option<Record> {
+        match self.records.accept(sr) {
+            Accepted::New(r) => {
+                self.stats.records_learned += 1;
+                // A blacklisted node stays out, even under a new generation.
+                if let Record::Peer(p) = &r
+                    && !self.records.is_listed(&p.node)
+                {
+                    self.swim.learn(PeerId::of(p), now_ms);
+                }
+                self.out.events.push(Event::Record(r.clone()));
+                Some(r)
+            }
+            Accepted::Invalid(_) => {
+                self.stats.records_rejected += 1;
+                None
+            }
+            Accepted::Known | Accepted::OutOfOrder => None,
+        }
+    }
+
+    /// A record that arrived by gossip: stored if new, and passed on one hop further.
+    fn gossiped(&mut self, item: Item, now_ms: u64) {
+        if let Some(r) = self.accept(&item.record, now_ms)
+            && item.hops < MAX_HOPS
+        {
+            self.swim.gossip_record(
+                Item {
+                    hops: item.hops + 1,
+                    record: item.record,
+                },
+                r.kind(),
+                r.author(),
+                r.seq(),
+                now_ms,
+            );
+        }
+    }
+
+    /// Moves what membership produced into the outputs.
+    fn pump(&mut self, now_ms: u64) {
+        let (packets, events) = self.swim.drain();
+        for (to, p) in packets {
+            self.out.send.push((to, Message::Swim(p)));
+        }
+        for e in events {
+            match e {
+                SwimEvent::Up(p) => self.out.events.push(Event::PeerUp(p)),
+                SwimEvent::Down(p) => self.out.events.push(Event::PeerDown(p)),
+                SwimEvent::Refuted { dead } => self.out.events.push(Event::Refuted { dead }),
+                SwimEvent::Forgotten(k, g) => self.records.forget(&k, g, now_ms),
+                SwimEvent::Unknown { key, from } => self.ask_identity(key, from, now_ms),
+            }
+        }
+    }
+
+    /// Asks `from` for `key`'s identity record, at most once per `ASK_AGAIN_MS` per key.
+    fn ask_identity(&mut self, key: KeyId, from: KeyId, now_ms: u64) {
+        if self
+            .asked
+            .get(&key)
+            .is_some_and(|t| now_ms < t + ASK_AGAIN_MS)
+        {
+            return;
+        }
+        if self.asked.len() >= 4_096 {
+            self.asked.retain(|_, t| now_ms < *t + ASK_AGAIN_MS);
+            if self.asked.len() >= 4_096 {
+                return;
+            }
+        }
+        let Some(to) = self.swim.member(&from).cloned() else {
+            return;
+        };
+        self.asked.insert(key, now_ms);
+        self.out
+            .send
+            .push((to, Message::SyncWant(vec![(RecordKind::Peer, key)])));
     }
 
     /// A verified message from `from` (its envelope checked by the caller).
     pub fn handle_message(&mut self, from: KeyId, msg: Message, now_ms: u64) {
-        if lock(&self.shared).records.is_listed(&from) {
+        if self.records.is_listed(&from) {
             self.stats.blacklisted_dropped += 1;
             return;
         }
-        // Everything but SWIM (how a node joins) and the notice that it is dead comes from
-        // active members only: no records, digests or offers from strangers.
-        let member = self.member(&from).is_some();
-        if !member && !matches!(msg, Message::Swim(_) | Message::YouAreDown { .. }) {
-            self.stats.not_member += 1;
-            return;
-        }
-        if self.last_seen.len() > 4 * self.foca.num_members() + 64 {
-            let keys: std::collections::HashSet<KeyId> = self
-                .foca
-                .iter_membership_state()
-                .map(|m| m.id().key)
-                .collect();
-            self.last_seen.retain(|k, _| keys.contains(k));
-        }
-        self.last_seen.insert(from, now_ms);
-        match msg {
-            Message::Swim(data) => {
-                // The packet's source identity must be the envelope's signer: nobody speaks
-                // (acks, refutes, gossips as the source) for another member.
-                match postcard::take_from_bytes::<PeerId>(&data) {
-                    Ok((src, _)) if src.key == from => {}
+        if let Message::Swim(p) = msg {
+            if p.check().is_err() {
+                self.stats.swim_rejected += 1;
+                return;
+            }
+            if let Some(intro) = &p.intro {
+                // An intro is the sender's own identity for this very generation.
+                match intro.peek() {
+                    Ok(Record::Peer(r)) if r.node == from && r.generation == p.generation => {
+                        // Passed on like a gossiped record: a new node becomes known
+                        // everywhere, not only to those it contacts.
+                        self.gossiped(
+                            Item {
+                                hops: 0,
+                                record: intro.clone(),
+                            },
+                            now_ms,
+                        );
+                        if let Some(r) = self.records.peer_of(&from) {
+                            let peer = PeerId::of(r);
+                            self.swim.learn(peer, now_ms);
+                        }
+                    }
                     _ => {
                         self.stats.swim_rejected += 1;
                         return;
                     }
                 }
-                self.tell_if_down(from, now_ms);
-                let mut rt = Rt::default();
-                if self.foca.handle_data(&data, &mut rt).is_err() {
-                    self.stats.swim_rejected += 1;
-                }
-                self.absorb(rt);
             }
-            Message::SyncHello { digest, count } => {
-                let (ours, n) = lock(&self.shared).records.digest();
-                if (ours, n) != (digest, count)
-                    && let Some(p) = self.member(&from)
-                {
-                    let entries = lock(&self.shared).records.entries();
-                    self.out.send.push((p, Message::SyncDigest(entries)));
+            self.swim
+                .handle(from, p.generation, p.probe, &p.updates, now_ms);
+            // Records only from members (a stranger's packet was counted and dropped above).
+            if self.swim.member(&from).is_some() {
+                for item in p.records.into_iter().take(super::wire::MAX_ITEMS) {
+                    self.gossiped(item, now_ms);
                 }
             }
-            Message::SyncDigest(theirs) => {
-                let (send, want) = lock(&self.shared).records.diff(&theirs);
-                if let Some(p) = self.member(&from) {
-                    if !send.is_empty() {
-                        self.out.send.push((p.clone(), Message::Records(send)));
+            self.pump(now_ms);
+            return;
+        }
+        // Everything but SWIM (how a node joins) comes from active members only: no records,
+        // digests or offers from strangers.
+        let Some(peer) = self.swim.active_member(&from).cloned() else {
+            self.stats.not_member += 1;
+            return;
+        };
+        match msg {
+            Message::Swim(_) => {}
+            Message::SyncHello { buckets } => {
+                if !valid_buckets(buckets.len()) {
+                    self.stats.records_rejected += 1;
+                    return;
+                }
+                let n = buckets.len();
+                let ours = self.records.bucket_digests(n);
+                let mut covered = Vec::new();
+                let mut entries: Vec<DigestEntry> = Vec::new();
+                for b in (0..n).filter(|b| ours[*b] != buckets[*b]) {
+                    let e = self.records.bucket_entries(b, n);
+                    if !covered.is_empty()
+                        && (entries.len() + e.len()) * DIGEST_ENTRY_BYTES > MAX_SYNC_BYTES
+                    {
+                        break;
                     }
-                    if !want.is_empty() {
-                        self.out.send.push((p, Message::SyncWant(want)));
-                    }
+                    covered.push(b as u8);
+                    entries.extend(e);
+                }
+                if !covered.is_empty() {
+                    self.out.send.push((
+                        peer,
+                        Message::SyncDigest {
+                            buckets: n as u16,
+                            covered,
+                            entries,
+                        },
+                    ));
+                }
+            }
+            Message::SyncDigest {
+                buckets,
+                covered,
+                entries,
+            } => {
+                let n = usize::from(buckets);
+                if !valid_buckets(n) || covered.iter().any(|b| usize::from(*b) >= n) {
+                    self.stats.records_rejected += 1;
+                    return;
+                }
+                let (send, want) = self.records.diff(&entries, &covered, n);
+                let send = cap_records(send);
+                if !send.is_empty() {
+                    self.out.send.push((peer.clone(), Message::Records(send)));
+                }
+                if !want.is_empty() {
+                    self.catch_up = Some(from);
+                    self.next_sync_ms = self.next_sync_ms.min(now_ms + CATCH_UP_MS);
+                    let mut want = want;
+                    want.truncate(4_096);
+                    self.out.send.push((peer, Message::SyncWant(want)));
                 }
             }
             Message::SyncWant(want) => {
-                let records: Vec<SignedRecord> = {
-                    let s = lock(&self.shared);
-                    let mut bytes = 0;
+                let records = cap_records(
                     want.iter()
-                        .take(4096)
-                        .flat_map(|(k, a)| s.records.newer_than(*k, a, 0))
-                        // Stay well inside the receiver's envelope limit; the rest follows in
-                        // the next anti-entropy round.
-                        .take_while(|r| {
-                            bytes += r.body.len() + 70;
-                            bytes <= MAX_SYNC_BYTES
-                        })
-                        .collect()
-                };
-                if !records.is_empty()
-                    && let Some(p) = self.member(&from)
-                {
-                    self.out.send.push((p, Message::Records(records)));
+                        .take(4_096)
+                        .flat_map(|(k, a)| self.records.newer_than(*k, a, 0))
+                        .collect(),
+                );
+                if records.is_empty() {
+                    return;
                 }
+                // Members this node knows to be gone go along, so that the asker does not
+                // take them for alive and probe each one to find out.
+                let down = self.swim.down_updates(
+                    want.iter()
+                        .filter(|(k, _)| *k == RecordKind::Peer)
+                        .map(|(_, a)| a),
+                );
+                self.out.send.push((peer, Message::Records(records)));
+                self.swim.tell(from, down);
             }
             Message::Records(records) => {
-                for r in records.iter().take(4096) {
-                    let accepted = lock(&self.shared).records.accept(r);
-                    match accepted {
-                        Accepted::New(rec) => {
-                            self.stats.records_learned += 1;
-                            self.out.events.push(Event::Record(rec));
-                        }
-                        Accepted::Invalid(_) => self.stats.records_rejected += 1,
-                        Accepted::Known | Accepted::OutOfOrder => {}
-                    }
+                for r in records.iter().take(4_096) {
+                    self.accept(r, now_ms);
                 }
             }
             Message::Offer(offer) => self.out.events.push(Event::Offer { from, offer }),
-            Message::YouAreDown { generation } => {
-                // At most one rejoin per suspicion timeout, whoever asks.
-                let quiet =
-                    now_ms >= self.last_rejoin_ms + self.tuning.suspect_timeout.as_millis() as u64;
-                if generation == self.me().generation && quiet {
-                    self.last_rejoin_ms = now_ms;
-                    self.rejoin();
-                    // Announce the new identity to the teller too: it may be on the other
-                    // side of a healed partition, which this node holds as dead.
-                    let teller = self
-                        .foca
-                        .iter_membership_state()
-                        .find(|m| m.id().key == from)
-                        .map(|m| m.id().clone());
-                    if let Some(t) = teller {
-                        let mut rt = Rt::default();
-                        let _ = self.foca.announce(t, &mut rt);
-                        self.absorb(rt);
-                    }
-                }
-            }
         }
-    }
-
-    /// A member this node holds as dead is still talking (a healed partition, a node that
-    /// missed its own death): tell it, at most once per `probe_period`, so that it rejoins
-    /// under a newer generation.
-    fn tell_if_down(&mut self, from: KeyId, now_ms: u64) {
-        let down = self
-            .foca
-            .iter_membership_state()
-            .find(|m| m.id().key == from && m.state() == foca::State::Down)
-            .map(|m| m.id().clone());
-        let Some(peer) = down else { return };
-        let last = self.told_down.get(&from).copied().unwrap_or(0);
-        if now_ms < last + self.tuning.probe_period.as_millis() as u64 {
-            return;
-        }
-        if self.told_down.len() > 4096 {
-            self.told_down.clear();
-        }
-        self.told_down.insert(from, now_ms);
-        self.out.send.push((
-            peer.clone(),
-            Message::YouAreDown {
-                generation: peer.generation,
-            },
-        ));
-    }
-
-    fn member(&self, key: &KeyId) -> Option<PeerId> {
-        self.foca
-            .iter_members()
-            .find(|m| m.id().key == *key)
-            .map(|m| m.id().clone())
+        self.pump(now_ms);
     }
 
     /// Publishes this node's capabilities (a new version replaces the old everywhere).
@@ -648,72 +585,219 @@ impl Core {
         caps.node = self.identity.key_id();
         caps.seq = self.cap_seq;
         caps.issued_ms = now_ms;
-        self.publish(Record::Caps(caps));
+        self.publish(Record::Caps(caps), now_ms);
     }
 
     /// Signs, stores and gossips a record authored by this node.
-    pub fn publish(&mut self, record: Record) {
+    pub fn publish(&mut self, record: Record, now_ms: u64) {
         let signed = SignedRecord::sign(&self.identity, &record);
-        if matches!(lock(&self.shared).records.accept(&signed), Accepted::New(_)) {
-            self.out.events.push(Event::Record(record));
-            self.queue_item(&Item {
-                hops: 0,
-                record: signed,
-            });
+        if let Accepted::New(r) = self.records.accept(&signed) {
+            self.out.events.push(Event::Record(r.clone()));
+            self.swim.gossip_record(
+                Item {
+                    hops: 0,
+                    record: signed,
+                },
+                r.kind(),
+                r.author(),
+                r.seq(),
+                now_ms,
+            );
         }
+        self.pump(now_ms);
     }
 
-    /// Declares a member down at once (it was blacklisted): stops probing and gossiping it.
-    pub fn evict(&mut self, key: &KeyId) {
-        if let Some(p) = self.member(key) {
-            let mut rt = Rt::default();
-            let _ = self
-                .foca
-                .apply_many(std::iter::once(Member::down(p)), true, &mut rt);
-            self.absorb(rt);
-        }
+    /// Stops talking to a member at once (it was blacklisted).
+    pub fn evict(&mut self, key: &KeyId, now_ms: u64) {
+        self.swim.evict(key, now_ms);
+        self.pump(now_ms);
     }
 
-    /// Leaves the cluster (shutdown): tells a few members this identity is down.
-    pub fn leave(&mut self) {
-        let mut rt = Rt::default();
-        let _ = self.foca.leave_cluster(&mut rt);
-        for (to, data) in rt.send {
-            self.out.send.push((to, Message::Swim(data)));
-        }
+    /// Leaves the mesh (shutdown): tells a few members this node is going.
+    pub fn leave(&mut self, now_ms: u64) {
+        self.swim.leave(now_ms);
+        self.pump(now_ms);
     }
 
     /// Every member known, with its state.
     pub fn peers(&self) -> Vec<PeerView> {
-        self.foca
-            .iter_membership_state()
+        self.swim
+            .members()
             .map(|m| PeerView {
-                id: m.id().clone(),
-                state: match m.state() {
-                    foca::State::Alive => PeerState::Alive,
-                    foca::State::Suspect => PeerState::Suspect,
-                    foca::State::Down => PeerState::Dead,
+                id: m.peer.clone(),
+                state: match m.state {
+                    MemberState::Alive => PeerState::Alive,
+                    MemberState::Suspect => PeerState::Suspect,
+                    MemberState::Dead | MemberState::Left => PeerState::Dead,
                 },
-                last_seen_ms: self.last_seen.get(&m.id().key).copied().unwrap_or(0),
-                incarnation: m.incarnation(),
+                last_seen_ms: m.last_seen_ms,
+                incarnation: m.incarnation,
             })
             .collect()
     }
 
     /// Whether `key` is a member in any state (dead ones until forgotten).
     pub fn knows(&self, key: &KeyId) -> bool {
-        self.foca
-            .iter_membership_state()
-            .any(|m| m.id().key == *key)
+        self.swim.member(key).is_some()
+    }
+
+    /// How many members are active.
+    pub fn active_count(&self) -> usize {
+        self.swim.active_count()
     }
 
     /// Active members (alive or suspect).
     pub fn active(&self) -> impl Iterator<Item = &PeerId> {
-        self.foca.iter_members().map(|m| m.id())
+        self.swim.active()
     }
 
     /// Runs `f` over the record store.
     pub fn with_records<R>(&self, f: impl FnOnce(&Records) -> R) -> R {
-        f(&lock(&self.shared).records)
+        f(&self.records)
+    }
+}
+
+/// Keeps records, in order, up to [`MAX_SYNC_BYTES`] (the rest follows next round).
+fn cap_records(records: Vec<SignedRecord>) -> Vec<SignedRecord> {
+    let mut bytes = 0;
+    records
+        .into_iter()
+        .take_while(|r| {
+            bytes += r.body.len() + 70;
+            bytes <= MAX_SYNC_BYTES
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::wire::{Packet, Probe};
+
+    fn core(url: &str) -> (Arc<Identity>, Core) {
+        let id = Arc::new(Identity::generate());
+        let c = Core::new(id.clone(), url, Tuning::default(), [], 1_000, 1);
+        (id, c)
+    }
+
+    fn packet(generation: u64, intro: Option<SignedRecord>, records: Vec<Item>) -> Message {
+        Message::Swim(Packet {
+            generation,
+            probe: Probe::Ping { seq: 1 },
+            intro,
+            updates: vec![],
+            records,
+        })
+    }
+
+    #[test]
+    fn an_intro_must_be_the_senders_own_identity_of_that_generation() {
+        let (_, mut a) = core("http://10.0.0.1:4301");
+        let (x_id, x) = core("http://10.0.0.2:4301");
+        let (s_id, s) = core("http://10.0.0.3:4301");
+        // The stranger passes off x's identity as its own: refused, x not learned.
+        a.handle_message(
+            s_id.key_id(),
+            packet(1_000, Some(x.own_record().clone()), vec![]),
+            2_000,
+        );
+        assert_eq!(a.stats().swim_rejected, 1);
+        assert!(!a.knows(&x_id.key_id()));
+        // Its own identity, but claiming another generation: refused too.
+        a.handle_message(
+            s_id.key_id(),
+            packet(999, Some(s.own_record().clone()), vec![]),
+            2_000,
+        );
+        assert_eq!(a.stats().swim_rejected, 2);
+        // Its own, for this generation: learned, and the ping answered.
+        a.handle_message(
+            s_id.key_id(),
+            packet(1_000, Some(s.own_record().clone()), vec![]),
+            2_000,
+        );
+        assert!(a.knows(&s_id.key_id()));
+        let out = a.drain();
+        assert!(out.send.iter().any(|(to, m)| to.key == s_id.key_id()
+            && matches!(m, Message::Swim(p) if p.probe == Probe::Ack { seq: 1 })));
+        assert!(
+            out.events
+                .iter()
+                .any(|e| matches!(e, Event::PeerUp(p) if p.key == s_id.key_id()))
+        );
+    }
+
+    #[test]
+    fn strangers_are_not_answered_and_their_records_not_taken() {
+        let (_, mut a) = core("http://10.0.0.1:4301");
+        let (s_id, s) = core("http://10.0.0.3:4301");
+        let (_, x) = core("http://10.0.0.2:4301");
+        let item = Item {
+            hops: 0,
+            record: x.own_record().clone(),
+        };
+        a.handle_message(s_id.key_id(), packet(1_000, None, vec![item]), 2_000);
+        assert_eq!(a.stats().swim.unknown_sender, 1);
+        assert_eq!(a.with_records(|r| r.len()), 1, "only its own identity");
+        assert!(a.drain().send.is_empty());
+        // Nor digests or offers.
+        a.handle_message(
+            s_id.key_id(),
+            Message::SyncHello {
+                buckets: vec![[0; 8]],
+            },
+            2_000,
+        );
+        assert_eq!(a.stats().not_member, 1);
+        drop(s);
+    }
+
+    #[test]
+    fn a_joining_node_pings_its_seed_and_then_catches_up_from_it() {
+        let (a_id, mut a) = core("http://10.0.0.1:4301");
+        let (_, mut seed) = core("http://10.0.0.9:4301");
+        let others: Vec<(Arc<Identity>, Core)> = (2..6)
+            .map(|i| core(&format!("http://10.0.0.{i}:4301")))
+            .collect();
+        for (_, o) in &others {
+            seed.handle_message(
+                o.me().key,
+                packet(1_000, Some(o.own_record().clone()), vec![]),
+                1_500,
+            );
+        }
+        seed.drain();
+        let seed_key = seed.me().key;
+        a.join(&seed.own_record().clone(), 2_000).unwrap();
+        // Deliver messages between the two until quiet (every other node is away).
+        let mut now = 2_000;
+        for _ in 0..40 {
+            now += 100;
+            a.tick(now);
+            seed.tick(now);
+            let from_a = a.drain().send;
+            let from_seed = seed.drain().send;
+            for (to, m) in from_a {
+                if to.key == seed_key {
+                    seed.handle_message(a_id.key_id(), m, now);
+                }
+            }
+            for (to, m) in from_seed {
+                if to.key == a_id.key_id() {
+                    a.handle_message(seed_key, m, now);
+                }
+            }
+        }
+        for (id, _) in &others {
+            assert!(
+                a.knows(&id.key_id()),
+                "learned by anti-entropy from the seed"
+            );
+        }
+        assert!(seed.knows(&a_id.key_id()));
+        assert_eq!(
+            a.with_records(|r| r.entries()),
+            seed.with_records(|r| r.entries())
+        );
     }
 }

@@ -1,21 +1,38 @@
-//! Signed records every node keeps a copy of: capability announcements (latest per node) and
-//! blacklist chains (every record, per reporter), with their digest for anti-entropy.
+//! Signed records every node keeps a copy of: membership identities and capability
+//! announcements (latest per node), and blacklist chains (every record, per reporter), with the
+//! bucketed digests anti-entropy compares.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 
 use super::wire::{
-    BlacklistRecord, CapRecord, DigestEntry, Record, RecordKind, SignedRecord, WireError,
+    BlacklistRecord, CapRecord, DigestEntry, PeerRecord, Record, RecordKind, SignedRecord,
+    WireError,
 };
 use crate::identity::KeyId;
+
+/// Most nodes whose identity and capability records are kept: beyond it, records of new nodes
+/// are refused (keys are free to make; memory is not).
+pub const MAX_NODES: usize = 16_384;
+
+/// Most records in one reporter's blacklist chain.
+pub const MAX_CHAIN: u64 = 1_024;
+
+/// Most blacklist records kept from reporters this node does not trust (they are kept only to
+/// relay them, so a stranger cannot make every node hold an unbounded chain).
+pub const MAX_UNTRUSTED_LISTINGS: usize = 8_192;
+
+/// Most forgotten identities remembered, so that a copy of a forgotten record still travelling
+/// through anti-entropy is not learned again.
+const MAX_TOMBSTONES: usize = 16_384;
 
 /// What happened to a record offered to the store.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Accepted {
     /// New information, stored.
     New(Record),
-    /// Already held, or older than what is held.
+    /// Already held, or older than what is held, or of a node forgotten on purpose.
     Known,
     /// A blacklist record that does not follow the reporter's chain as held (a gap or a fork);
     /// anti-entropy fetches the chain in order.
@@ -27,13 +44,23 @@ pub enum Accepted {
 /// The record store.
 #[derive(Debug, Default)]
 pub struct Records {
+    peers: HashMap<KeyId, (SignedRecord, PeerRecord)>,
     caps: HashMap<KeyId, (SignedRecord, CapRecord)>,
     chains: HashMap<KeyId, Vec<(SignedRecord, BlacklistRecord)>>,
+    untrusted_listings: usize,
     /// Reporters whose blacklist records are enforced (this node and configured keys).
     trusted: HashSet<KeyId>,
     /// Nodes blacklisted by a trusted reporter.
     listed: HashSet<KeyId>,
-    digest: Option<([u8; 16], u32)>,
+    /// Forgotten nodes: the newest generation forgotten, and when (ms).
+    tombstones: HashMap<KeyId, (u64, u64)>,
+    /// Bucket digests by bucket count, cleared on every change.
+    digests: BTreeMap<usize, Vec<[u8; 8]>>,
+}
+
+/// The bucket of an author's records among `buckets` (a power of two up to 256).
+pub fn bucket_of(author: &KeyId, buckets: usize) -> usize {
+    usize::from(author.0[0]) >> (8 - buckets.clamp(1, 256).trailing_zeros())
 }
 
 impl Records {
@@ -55,14 +82,40 @@ impl Records {
             Ok(r) => r,
             Err(e) => return Accepted::Invalid(e),
         };
+        let author = record.author();
+        let new_node = !self.peers.contains_key(&author) && !self.caps.contains_key(&author);
         match &record {
+            Record::Peer(p) => {
+                if self
+                    .peers
+                    .get(&p.node)
+                    .is_some_and(|(_, old)| old.generation >= p.generation)
+                    || self
+                        .tombstones
+                        .get(&p.node)
+                        .is_some_and(|(g, _)| *g >= p.generation)
+                {
+                    return Accepted::Known;
+                }
+                if new_node && self.nodes() >= MAX_NODES {
+                    return Accepted::Invalid(WireError::Invalid("too many nodes"));
+                }
+                if let Err(e) = sr.verify(&record) {
+                    return Accepted::Invalid(e);
+                }
+                self.peers.insert(p.node, (sr.clone(), p.clone()));
+            }
             Record::Caps(c) => {
                 if self
                     .caps
                     .get(&c.node)
                     .is_some_and(|(_, old)| old.seq >= c.seq)
+                    || self.tombstones.contains_key(&c.node) && !self.peers.contains_key(&c.node)
                 {
                     return Accepted::Known;
+                }
+                if new_node && self.nodes() >= MAX_NODES {
+                    return Accepted::Invalid(WireError::Invalid("too many nodes"));
                 }
                 if let Err(e) = sr.verify(&record) {
                     return Accepted::Invalid(e);
@@ -82,6 +135,12 @@ impl Records {
                 if b.seq != head + 1 || b.prev != prev {
                     return Accepted::OutOfOrder;
                 }
+                let trusted = self.trusted.contains(&b.reporter);
+                if b.seq > MAX_CHAIN
+                    || (!trusted && self.untrusted_listings >= MAX_UNTRUSTED_LISTINGS)
+                {
+                    return Accepted::Invalid(WireError::Invalid("blacklist chain limit reached"));
+                }
                 if let Err(e) = sr.verify(&record) {
                     return Accepted::Invalid(e);
                 }
@@ -89,13 +148,19 @@ impl Records {
                     .entry(b.reporter)
                     .or_default()
                     .push((sr.clone(), b.clone()));
-                if self.trusted.contains(&b.reporter) {
+                if trusted {
                     self.listed.insert(b.target);
+                } else {
+                    self.untrusted_listings += 1;
                 }
             }
         }
-        self.digest = None;
+        self.digests.clear();
         Accepted::New(record)
+    }
+
+    fn nodes(&self) -> usize {
+        self.peers.len().max(self.caps.len())
     }
 
     /// Whether `key` is blacklisted by a trusted reporter.
@@ -106,6 +171,16 @@ impl Records {
     /// Blacklisted nodes.
     pub fn listed(&self) -> impl Iterator<Item = &KeyId> {
         self.listed.iter()
+    }
+
+    /// A node's identity record.
+    pub fn peer_of(&self, key: &KeyId) -> Option<&PeerRecord> {
+        self.peers.get(key).map(|(_, p)| p)
+    }
+
+    /// A node's identity record as signed.
+    pub fn signed_peer_of(&self, key: &KeyId) -> Option<&SignedRecord> {
+        self.peers.get(key).map(|(s, _)| s)
     }
 
     /// The latest capability record of every node.
@@ -131,62 +206,134 @@ impl Records {
             .map_or((0, [0u8; 32]), |(s, b)| (b.seq, s.body_hash()))
     }
 
-    /// Forgets a node's capability record (it left or was declared dead long ago).
-    pub fn forget_caps(&mut self, key: &KeyId) {
-        if self.caps.remove(key).is_some() {
-            self.digest = None;
+    /// Forgets a node that has been dead or gone for long: its identity up to `generation`
+    /// and its capabilities. Copies of those records still travelling are not learned again;
+    /// a newer generation (the node came back) is. Blacklist chains are kept: they are
+    /// evidence.
+    pub fn forget(&mut self, key: &KeyId, generation: u64, now_ms: u64) {
+        if self
+            .peers
+            .get(key)
+            .is_some_and(|(_, p)| p.generation <= generation)
+        {
+            self.peers.remove(key);
         }
+        if !self.peers.contains_key(key) {
+            self.caps.remove(key);
+        }
+        if self.tombstones.len() >= MAX_TOMBSTONES
+            && let Some(oldest) = self
+                .tombstones
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k)
+        {
+            self.tombstones.remove(&oldest);
+        }
+        self.tombstones.insert(*key, (generation, now_ms));
+        self.digests.clear();
+    }
+
+    /// Drops tombstones older than `keep` (by then every node has forgotten the same records).
+    pub fn prune_tombstones(&mut self, now_ms: u64, keep_ms: u64) {
+        self.tombstones
+            .retain(|_, (_, at)| at.saturating_add(keep_ms) > now_ms);
+    }
+
+    fn latest(&self) -> impl Iterator<Item = DigestEntry> + '_ {
+        let peers = self.peers.values().map(|(_, p)| DigestEntry {
+            kind: RecordKind::Peer,
+            author: p.node,
+            seq: p.generation,
+        });
+        let caps = self.caps.values().map(|(_, c)| DigestEntry {
+            kind: RecordKind::Caps,
+            author: c.node,
+            seq: c.seq,
+        });
+        let chains = self.chains.iter().filter_map(|(k, c)| {
+            Some(DigestEntry {
+                kind: RecordKind::Blacklist,
+                author: *k,
+                seq: c.last()?.1.seq,
+            })
+        });
+        peers.chain(caps).chain(chains)
     }
 
     /// (kind, author, seq) of everything held, sorted.
     pub fn entries(&self) -> Vec<DigestEntry> {
+        let mut v: Vec<DigestEntry> = self.latest().collect();
+        v.sort();
+        v
+    }
+
+    /// How many (kind, author) entries the store holds.
+    pub fn len(&self) -> usize {
+        self.peers.len() + self.caps.len() + self.chains.len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries of one bucket, sorted.
+    pub fn bucket_entries(&self, bucket: usize, buckets: usize) -> Vec<DigestEntry> {
         let mut v: Vec<DigestEntry> = self
-            .caps
-            .values()
-            .map(|(_, c)| DigestEntry {
-                kind: RecordKind::Caps,
-                author: c.node,
-                seq: c.seq,
-            })
-            .chain(self.chains.iter().filter_map(|(k, c)| {
-                Some(DigestEntry {
-                    kind: RecordKind::Blacklist,
-                    author: *k,
-                    seq: c.last()?.1.seq,
-                })
-            }))
+            .latest()
+            .filter(|e| bucket_of(&e.author, buckets) == bucket)
             .collect();
         v.sort();
         v
     }
 
-    /// A short hash of [`Records::entries`] and their count; equal digests mean equal stores.
-    pub fn digest(&mut self) -> ([u8; 16], u32) {
-        if let Some(d) = self.digest {
-            return d;
+    /// A short hash of each bucket's entries; equal digests mean equal buckets.
+    pub fn bucket_digests(&mut self, buckets: usize) -> Vec<[u8; 8]> {
+        let buckets = buckets.clamp(1, 256).next_power_of_two();
+        if let Some(d) = self.digests.get(&buckets) {
+            return d.clone();
         }
-        let entries = self.entries();
-        let mut h = Sha256::new();
-        for e in &entries {
+        let mut hashers: Vec<Sha256> = (0..buckets).map(|_| Sha256::new()).collect();
+        for e in self.entries() {
+            let h = &mut hashers[bucket_of(&e.author, buckets)];
             h.update([e.kind as u8]);
             h.update(e.author.0);
             h.update(e.seq.to_be_bytes());
         }
-        let full: [u8; 32] = h.finalize().into();
-        let mut d = [0u8; 16];
-        d.copy_from_slice(&full[..16]);
-        let out = (d, entries.len() as u32);
-        self.digest = Some(out);
+        let out: Vec<[u8; 8]> = hashers
+            .into_iter()
+            .map(|h| {
+                let full: [u8; 32] = h.finalize().into();
+                let mut d = [0u8; 8];
+                d.copy_from_slice(&full[..8]);
+                d
+            })
+            .collect();
+        if self.digests.len() > 4 {
+            self.digests.clear();
+        }
+        self.digests.insert(buckets, out.clone());
         out
     }
 
-    /// Compares a peer's digest entries with ours: what we should send it, and what we want.
-    pub fn diff(&self, theirs: &[DigestEntry]) -> (Vec<SignedRecord>, Vec<(RecordKind, KeyId)>) {
+    /// Compares a peer's entries of `covered` buckets with ours: what we should send it, and
+    /// what we want from it.
+    pub fn diff(
+        &self,
+        theirs: &[DigestEntry],
+        covered: &[u8],
+        buckets: usize,
+    ) -> (Vec<SignedRecord>, Vec<(RecordKind, KeyId)>) {
         let their: BTreeMap<(RecordKind, KeyId), u64> =
             theirs.iter().map(|e| ((e.kind, e.author), e.seq)).collect();
+        let covered: HashSet<usize> = covered.iter().map(|b| usize::from(*b)).collect();
         let mut send = Vec::new();
         let mut want = Vec::new();
         for e in self.entries() {
+            if !covered.contains(&bucket_of(&e.author, buckets)) {
+                continue;
+            }
             match their.get(&(e.kind, e.author)) {
                 Some(&s) if s >= e.seq => {}
                 Some(&s) => send.extend(self.newer_than(e.kind, &e.author, s)),
@@ -194,7 +341,11 @@ impl Records {
             }
         }
         for e in theirs {
+            if !covered.contains(&bucket_of(&e.author, buckets)) {
+                continue;
+            }
             let ours = match e.kind {
+                RecordKind::Peer => self.peers.get(&e.author).map(|(_, p)| p.generation),
                 RecordKind::Caps => self.caps.get(&e.author).map(|(_, c)| c.seq),
                 RecordKind::Blacklist => self.chains.get(&e.author).map(|c| c.len() as u64),
             };
@@ -202,12 +353,20 @@ impl Records {
                 want.push((e.kind, e.author));
             }
         }
+        want.sort();
         (send, want)
     }
 
     /// Records of (kind, author) newer than `seq`, oldest first.
     pub fn newer_than(&self, kind: RecordKind, author: &KeyId, seq: u64) -> Vec<SignedRecord> {
         match kind {
+            RecordKind::Peer => self
+                .peers
+                .get(author)
+                .filter(|(_, p)| p.generation > seq)
+                .map(|(s, _)| s.clone())
+                .into_iter()
+                .collect(),
             RecordKind::Caps => self
                 .caps
                 .get(author)
@@ -254,6 +413,17 @@ mod tests {
                 price: 0,
                 model_budget_mib: 0,
                 throttled: false,
+            }),
+        )
+    }
+
+    fn peer(id: &Identity, generation: u64) -> SignedRecord {
+        SignedRecord::sign(
+            id,
+            &Record::Peer(PeerRecord {
+                node: id.key_id(),
+                generation,
+                url: "http://127.0.0.1:1".into(),
             }),
         )
     }
@@ -315,32 +485,88 @@ mod tests {
     }
 
     #[test]
-    fn digests_match_exactly_when_the_stores_do_and_diffs_repair_them() {
-        let (a, b, c) = (
-            Identity::generate(),
-            Identity::generate(),
-            Identity::generate(),
-        );
+    fn bucket_digests_match_exactly_when_the_stores_do_and_diffs_repair_them() {
+        let ids: Vec<Identity> = (0..40).map(|_| Identity::generate()).collect();
         let mut x = Records::new([]);
         let mut y = Records::new([]);
-        for s in [caps(&a, 1), caps(&b, 5)] {
-            x.accept(&s);
-            y.accept(&s);
+        for (i, id) in ids.iter().enumerate() {
+            x.accept(&caps(id, 1));
+            y.accept(&caps(id, 1));
+            if i % 2 == 0 {
+                x.accept(&peer(id, 5));
+                y.accept(&peer(id, 5));
+            }
         }
-        assert_eq!(x.digest(), y.digest());
-        x.accept(&caps(&b, 6));
-        y.accept(&caps(&c, 1));
-        assert_ne!(x.digest(), y.digest());
-        let (send, want) = x.diff(&y.entries());
+        for b in [1, 2, 16, 256] {
+            assert_eq!(x.bucket_digests(b), y.bucket_digests(b));
+            assert_eq!(x.bucket_digests(b).len(), b);
+        }
+        // x gains a newer version, y a record x lacks: only their buckets differ.
+        x.accept(&caps(&ids[3], 2));
+        y.accept(&caps(&Identity::generate(), 1));
+        let (dx, dy) = (x.bucket_digests(16), y.bucket_digests(16));
+        let differing: Vec<u8> = (0..16u8)
+            .filter(|b| dx[*b as usize] != dy[*b as usize])
+            .collect();
+        assert!(
+            !differing.is_empty() && differing.len() <= 2,
+            "{differing:?}"
+        );
+        let theirs: Vec<DigestEntry> = differing
+            .iter()
+            .flat_map(|b| y.bucket_entries(usize::from(*b), 16))
+            .collect();
+        let (send, want) = x.diff(&theirs, &differing, 16);
+        assert_eq!(send.len(), 1, "the newer capability record");
+        assert_eq!(want.len(), 1, "the record y holds and x lacks");
         for s in &send {
             y.accept(s);
         }
-        assert_eq!(want, vec![(RecordKind::Caps, c.key_id())]);
         for (k, author) in want {
             for s in y.newer_than(k, &author, 0) {
                 x.accept(&s);
             }
         }
-        assert_eq!(x.digest(), y.digest());
+        assert_eq!(x.bucket_digests(16), y.bucket_digests(16));
+        assert_eq!(x.entries(), y.entries());
+    }
+
+    #[test]
+    fn forgotten_nodes_are_not_learned_again_unless_they_come_back() {
+        let a = Identity::generate();
+        let mut r = Records::new([]);
+        assert!(matches!(r.accept(&peer(&a, 10)), Accepted::New(_)));
+        assert!(matches!(r.accept(&caps(&a, 1)), Accepted::New(_)));
+        r.forget(&a.key_id(), 10, 1_000);
+        assert!(r.peer_of(&a.key_id()).is_none());
+        assert!(r.caps_of(&a.key_id()).is_none());
+        // Copies still travelling are not learned again...
+        assert_eq!(r.accept(&peer(&a, 10)), Accepted::Known);
+        assert_eq!(r.accept(&caps(&a, 1)), Accepted::Known);
+        // ...but a newer process of the node is, with its capabilities.
+        assert!(matches!(r.accept(&peer(&a, 11)), Accepted::New(_)));
+        assert!(matches!(r.accept(&caps(&a, 2)), Accepted::New(_)));
+        r.prune_tombstones(10_000, 5_000);
+        assert!(r.tombstones.is_empty());
+    }
+
+    #[test]
+    fn blacklist_chains_are_capped() {
+        let reporter = Identity::generate();
+        let mut r = Records::new([]);
+        let mut prev = [0u8; 32];
+        for seq in 1..=MAX_CHAIN {
+            let l = listing(&reporter, seq, prev, Identity::generate().key_id());
+            prev = l.body_hash();
+            assert!(matches!(r.accept(&l), Accepted::New(_)), "{seq}");
+        }
+        let over = listing(
+            &reporter,
+            MAX_CHAIN + 1,
+            prev,
+            Identity::generate().key_id(),
+        );
+        assert!(matches!(r.accept(&over), Accepted::Invalid(_)));
+        assert_eq!(r.untrusted_listings, MAX_CHAIN as usize);
     }
 }

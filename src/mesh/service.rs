@@ -8,10 +8,11 @@
 //! decoding), decode, signature, time window, nonce, blacklist and allowlist.
 //!
 //! # Loops
-//! A tick loop (anti-entropy, join retries), one task per armed SWIM timer, a bootstrap loop per
-//! configured URL (GET `/identity` until it answers, with backoff), and a capability loop that
-//! republishes what this node's agents can run when it changes (checked every 2 s) and every
-//! `mesh.caps_interval`.
+//! A driver that sleeps until the core's next wake-up (probes, suspicion timeouts, gossip,
+//! anti-entropy; a node alone never wakes) and is woken early when a message moves that time
+//! forward, a bootstrap loop per configured URL (GET `/identity` until it answers, with
+//! backoff), and a capability loop that republishes what this node's agents can run when it
+//! changes (checked every 2 s) and every `mesh.caps_interval`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +65,10 @@ const CAPS_CHECK: Duration = Duration::from_secs(2);
 
 /// Offers considered or run at once on this node.
 const MAX_EXECUTING: usize = 64;
+
+/// Offers from one origin considered or run at once: one busy (or hostile) origin cannot take
+/// every place in `MAX_EXECUTING` from the others.
+const MAX_PER_ORIGIN: usize = 16;
 
 /// Most (sender, nonce) pairs remembered for replay checks.
 const MAX_NONCES: usize = 500_000;
@@ -123,8 +128,22 @@ pub struct MeshStats {
     pub send_failed: u64,
     /// Sends dropped because too many were in flight.
     pub send_dropped: u64,
-    /// SWIM packets refused by the membership layer.
+    /// SWIM packets refused by the membership layer (out of bounds, a false intro).
     pub swim_rejected: u64,
+    /// SWIM packets from senders whose identity this node does not hold (dropped).
+    pub unknown_sender: u64,
+    /// Probes this node started.
+    pub probes: u64,
+    /// Probes that ended without an answer.
+    pub probes_failed: u64,
+    /// Suspicions this node raised.
+    pub suspected: u64,
+    /// Members this node declared dead.
+    pub declared_dead: u64,
+    /// Suspicions of this node it refuted.
+    pub refuted: u64,
+    /// Lifeguard local health score (0 healthy, up to 8: this node probes that much slower).
+    pub health: u32,
     /// Gossiped records refused (bad signature, malformed).
     pub records_rejected: u64,
     /// Records learned.
@@ -135,6 +154,8 @@ pub struct MeshStats {
     pub offers_sent: u64,
     /// Task offers received.
     pub offers_received: u64,
+    /// Task offers not considered: too many from that origin, or from all, at once.
+    pub offers_refused: u64,
     /// Offered tasks this node claimed and ran.
     pub claims_won: u64,
     /// Offered tasks another peer claimed first.
@@ -301,6 +322,9 @@ struct Inner {
     url: String,
     boot_ms: u64,
     core: Mutex<Core>,
+    /// When the driver plans to wake next (ms): a change that needs it sooner notifies it.
+    planned_wake: AtomicU64,
+    wake: tokio::sync::Notify,
     client: reqwest::Client,
     nonces: Mutex<Nonces>,
     counters: Counters,
@@ -325,6 +349,8 @@ struct Inner {
     sender_limits: crate::security::ratelimit::Limiter<(std::net::IpAddr, KeyId)>,
     /// Offers being considered or run here now.
     executing: Arc<Semaphore>,
+    /// Offers considered or run now, per origin.
+    per_origin: Mutex<HashMap<KeyId, usize>>,
     /// Task lease length and heartbeat period of this node (peers use the same defaults).
     heartbeat: Duration,
     pcounters: PlacementCounters,
@@ -344,6 +370,7 @@ struct Origin {
 struct PlacementCounters {
     offers_sent: AtomicU64,
     offers_received: AtomicU64,
+    offers_refused: AtomicU64,
     claims_won: AtomicU64,
     claims_lost: AtomicU64,
     remote_succeeded: AtomicU64,
@@ -382,11 +409,12 @@ impl Mesh {
         token: CancellationToken,
     ) -> Result<Mesh, reqwest::Error> {
         let now = crate::clock::now_ms();
-        let mut tuning = Tuning::for_cluster(16);
-        tuning.probe_period = cfg.probe_period;
-        tuning.probe_rtt = (cfg.probe_period * 2 / 5).max(Duration::from_millis(50));
-        tuning.suspect_timeout = cfg.suspect_timeout;
-        tuning.sync_interval = cfg.sync_interval;
+        let tuning = Tuning {
+            probe_period: cfg.probe_period,
+            suspicion_min: cfg.suspect_timeout,
+            sync_interval: cfg.sync_interval,
+            ..Tuning::default()
+        };
         let core = Core::new(
             identity.clone(),
             &url,
@@ -404,6 +432,8 @@ impl Mesh {
             url,
             boot_ms: now,
             core: Mutex::new(core),
+            planned_wake: AtomicU64::new(u64::MAX),
+            wake: tokio::sync::Notify::new(),
             client,
             nonces: Mutex::new(Nonces::default()),
             counters: Counters::default(),
@@ -422,6 +452,7 @@ impl Mesh {
                 cfg.per_peer_rate.saturating_mul(2),
             ),
             executing: Arc::new(Semaphore::new(MAX_EXECUTING)),
+            per_origin: Mutex::new(HashMap::new()),
             heartbeat,
             pcounters: PlacementCounters::default(),
             cancelled: Mutex::new(std::collections::HashSet::new()),
@@ -432,7 +463,7 @@ impl Mesh {
             tracker.spawn(async move { m.bootstrap(u).await });
         }
         let m = mesh.clone();
-        tracker.spawn(async move { m.tick_loop().await });
+        tracker.spawn(async move { m.drive().await });
         let m = mesh.clone();
         tracker.spawn(async move { m.caps_loop().await });
         let m = mesh.clone();
@@ -443,11 +474,13 @@ impl Mesh {
 
     /// What `/identity` adds.
     pub fn identity(&self) -> MeshIdentity {
-        let me = lock(&self.0.core).me().clone();
+        let core = lock(&self.0.core);
+        let me = core.me();
         MeshIdentity {
             url: me.url.clone(),
             generation: me.generation,
-            peer: URL_SAFE_NO_PAD.encode(postcard::to_allocvec(&me).unwrap_or_default()),
+            peer: URL_SAFE_NO_PAD
+                .encode(postcard::to_allocvec(core.own_record()).unwrap_or_default()),
         }
     }
 
@@ -470,11 +503,19 @@ impl Mesh {
             send_failed: g(&c.send_failed),
             send_dropped: g(&c.send_dropped),
             swim_rejected: core.swim_rejected,
+            unknown_sender: core.swim.unknown_sender,
+            probes: core.swim.probes,
+            probes_failed: core.swim.probes_failed,
+            suspected: core.swim.suspected,
+            declared_dead: core.swim.declared_dead,
+            refuted: core.swim.refuted,
+            health: core.swim.health,
             records_rejected: core.records_rejected,
             records_learned: core.records_learned,
             syncs: core.syncs,
             offers_sent: g(&self.0.pcounters.offers_sent),
             offers_received: g(&self.0.pcounters.offers_received),
+            offers_refused: g(&self.0.pcounters.offers_refused),
             claims_won: g(&self.0.pcounters.claims_won),
             claims_lost: g(&self.0.pcounters.claims_lost),
             remote_succeeded: g(&self.0.pcounters.remote_succeeded),
@@ -521,7 +562,7 @@ impl Mesh {
     pub async fn leave(&self) {
         let out = {
             let mut core = lock(&self.0.core);
-            core.leave();
+            core.leave(crate::clock::now_ms());
             core.drain()
         };
         let mut sends = Vec::new();
@@ -536,38 +577,28 @@ impl Mesh {
         .await;
     }
 
-    /// Runs `f` on the core, then acts on what it produced.
+    /// Runs `f` on the core, then acts on what it produced (and wakes the driver if the core
+    /// now has work sooner than it planned).
     fn with_core(&self, f: impl FnOnce(&mut Core)) {
-        let out = {
+        let (out, next) = {
             let mut core = lock(&self.0.core);
             f(&mut core);
-            core.drain()
+            (core.drain(), core.next_wakeup())
         };
+        if next < self.0.planned_wake.load(Ordering::Relaxed) {
+            self.0.wake.notify_one();
+        }
         self.act(out);
     }
 
     fn evict(&self, key: KeyId) {
-        self.with_core(|c| c.evict(&key));
-    }
-
-    fn timer_fired(&self, timer: foca::Timer<PeerId>) {
-        self.with_core(|c| c.handle_timer(timer));
+        self.with_core(|c| c.evict(&key, crate::clock::now_ms()));
     }
 
     /// Sends what the core asked to send, arms its timers, reports its events.
     fn act(&self, out: super::core::Outputs) {
         for (to, msg) in out.send {
             self.send(to, msg);
-        }
-        for (timer, after) in out.timers {
-            let m = self.clone();
-            let token = self.0.token.clone();
-            self.0.tracker.spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(after) => m.timer_fired(timer),
-                    _ = token.cancelled() => {}
-                }
-            });
         }
         for e in out.events {
             match e {
@@ -577,8 +608,14 @@ impl Mesh {
                 Event::PeerDown(p) => {
                     tracing::warn!(peer = %node_id(&p.key), url = %p.url, "mesh.peer down");
                 }
-                Event::Rejoined => {
-                    tracing::warn!("mesh declared this node dead; rejoined under a new generation");
+                Event::Refuted { dead } => {
+                    if dead {
+                        tracing::warn!(
+                            "mesh.refuted: the mesh had declared this node dead; it is back"
+                        );
+                    } else {
+                        tracing::info!("mesh.refuted: a suspicion of this node was refuted");
+                    }
                 }
                 Event::Record(Record::Blacklist(b)) => {
                     let enforced = lock(&self.0.core).with_records(|r| r.is_listed(&b.target));
@@ -592,18 +629,35 @@ impl Mesh {
                         .pcounters
                         .offers_received
                         .fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = OriginSlot::take(self, from) else {
+                        self.0
+                            .pcounters
+                            .offers_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            "mesh.offer ignored: this origin has {MAX_PER_ORIGIN} offers here already"
+                        );
+                        continue;
+                    };
                     match self.0.executing.clone().try_acquire_owned() {
                         Ok(permit) => {
                             let m = self.clone();
                             self.0.tracker.spawn(async move {
                                 m.consider(from, offer).await;
                                 drop(permit);
+                                drop(slot);
                             });
                         }
-                        Err(_) => tracing::debug!("mesh.offer ignored: busy with other offers"),
+                        Err(_) => {
+                            self.0
+                                .pcounters
+                                .offers_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!("mesh.offer ignored: busy with other offers");
+                        }
                     }
                 }
-                Event::Record(Record::Caps(_)) => {}
+                Event::Record(Record::Caps(_) | Record::Peer(_)) => {}
             }
         }
     }
@@ -647,19 +701,25 @@ impl Mesh {
         }
     }
 
-    async fn tick_loop(self) {
-        let mut ticks = 0u64;
-        let mut t = tokio::time::interval(Duration::from_secs(1));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Sleeps until the core's next wake-up (or until woken sooner), then ticks it.
+    async fn drive(self) {
+        let mut last_prune = crate::clock::now_ms();
         loop {
+            let next = lock(&self.0.core).next_wakeup();
+            self.0.planned_wake.store(next, Ordering::Relaxed);
+            let now = crate::clock::now_ms();
+            // A node alone has nothing due; it still tidies its rate limiter now and then.
+            let wait = next.saturating_sub(now).min(60_000);
             tokio::select! {
-                _ = t.tick() => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = self.0.wake.notified() => continue,
                 _ = self.0.token.cancelled() => return,
             }
             let now = crate::clock::now_ms();
+            self.0.planned_wake.store(u64::MAX, Ordering::Relaxed);
             self.with_core(|c| c.tick(now));
-            ticks += 1;
-            if ticks.is_multiple_of(60) {
+            if now >= last_prune + 60_000 {
+                last_prune = now;
                 self.0.sender_limits.retain_recent();
             }
         }
@@ -670,13 +730,18 @@ impl Mesh {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.fetch_peer(&base).await {
-                Ok(peer) if peer.key == self.0.identity.key_id() => {
+                Ok((key, _)) if key == self.0.identity.key_id() => {
                     tracing::debug!(url = %base, "mesh.bootstrap skips this node's own URL");
                     return;
                 }
-                Ok(peer) => {
-                    tracing::info!(url = %base, peer = %node_id(&peer.key), "mesh.bootstrap joining");
-                    self.with_core(|c| c.join(peer));
+                Ok((key, record)) => {
+                    tracing::info!(url = %base, peer = %node_id(&key), "mesh.bootstrap joining");
+                    let now = crate::clock::now_ms();
+                    self.with_core(|c| {
+                        if let Err(e) = c.join(&record, now) {
+                            tracing::warn!(url = %base, error = %e, "mesh.bootstrap identity refused");
+                        }
+                    });
                     return;
                 }
                 Err(e) => {
@@ -705,14 +770,18 @@ impl Mesh {
             .await?)
     }
 
-    async fn fetch_peer(&self, base: &str) -> anyhow::Result<PeerId> {
+    /// The signed identity record `/identity` of the node at `base` hands out.
+    async fn fetch_peer(&self, base: &str) -> anyhow::Result<(KeyId, wire::SignedRecord)> {
         let v = self.identity_of(base).await?;
         let m = v
             .mesh
             .ok_or_else(|| anyhow::anyhow!("the node at {base} does not take part in a mesh"))?;
         let bytes = URL_SAFE_NO_PAD.decode(m.peer)?;
-        // Decoding verifies the peer's signature over its identity.
-        Ok(postcard::from_bytes::<PeerId>(&bytes)?)
+        let record: wire::SignedRecord = postcard::from_bytes(&bytes)?;
+        match record.open()? {
+            Record::Peer(p) => Ok((p.node, record)),
+            _ => anyhow::bail!("the node at {base} sent something other than its identity"),
+        }
     }
 
     /// What this node can run now, from its live agents.
@@ -787,7 +856,14 @@ impl Mesh {
             }
             let caps = self.current_caps();
             let now = crate::clock::now_ms();
-            if last.as_ref() != Some(&caps) || now.saturating_sub(last_at) >= every {
+            let members = lock(&self.0.core).active_count();
+            if caps_due(
+                last.as_ref(),
+                &caps,
+                now.saturating_sub(last_at),
+                load_interval(members),
+                every,
+            ) {
                 last = Some(caps.clone());
                 last_at = now;
                 self.with_core(|c| c.publish_caps(caps, now));
@@ -900,6 +976,81 @@ impl Mesh {
                 c.malformed.fetch_add(1, Ordering::Relaxed);
                 ApiError::bad_request(format!("envelope {other}"))
             }
+        }
+    }
+}
+
+/// Whether capabilities are published now: at once when what the node can run changed, at
+/// most every `load_every_ms` when only its load did, and every `every_ms` regardless (`since_ms`
+/// since the last publication).
+fn caps_due(
+    last: Option<&CapRecord>,
+    caps: &CapRecord,
+    since_ms: u64,
+    load_every_ms: u64,
+    every_ms: u64,
+) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    let load_only = |c: &CapRecord| CapRecord {
+        free_slots: 0,
+        load_pct: 0,
+        ..c.clone()
+    };
+    if load_only(last) != load_only(caps) {
+        return true;
+    }
+    (last != caps && since_ms >= load_every_ms) || since_ms >= every_ms
+}
+
+/// How often load changes alone are published with `members` others in the mesh: every 2 s up
+/// to 100 members, 2 s more for each further hundred, at most every 30 s. Every record reaches
+/// every node, so the mesh-wide cost of load updates grows with the square of its size; this
+/// keeps each node's share near 100 bytes/s of records however large the mesh.
+fn load_interval(members: usize) -> u64 {
+    (2_000 * members.div_ceil(100).max(1) as u64).min(30_000)
+}
+
+/// One origin's place among the offers considered or run here; given back on drop.
+struct OriginSlot {
+    mesh: Mesh,
+    origin: KeyId,
+}
+
+impl OriginSlot {
+    /// A place for `origin`, unless it holds `MAX_PER_ORIGIN` already.
+    fn take(mesh: &Mesh, origin: KeyId) -> Option<OriginSlot> {
+        admit(&mut lock(&mesh.0.per_origin), origin, MAX_PER_ORIGIN).then(|| OriginSlot {
+            mesh: mesh.clone(),
+            origin,
+        })
+    }
+}
+
+impl Drop for OriginSlot {
+    fn drop(&mut self) {
+        release(&mut lock(&self.mesh.0.per_origin), &self.origin);
+    }
+}
+
+/// Counts one more for `origin` unless it has `max` already.
+fn admit(counts: &mut HashMap<KeyId, usize>, origin: KeyId, max: usize) -> bool {
+    let n = counts.entry(origin).or_insert(0);
+    if *n >= max {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+/// Counts one less for `origin` (forgetting it at zero, so the map holds only origins with
+/// work here).
+fn release(counts: &mut HashMap<KeyId, usize>, origin: &KeyId) {
+    if let Some(n) = counts.get_mut(origin) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(origin);
         }
     }
 }
@@ -1049,8 +1200,8 @@ impl Mesh {
                 evidence: sha2::Sha256::digest(evidence).into(),
                 issued_ms: now,
             };
-            c.publish(Record::Blacklist(r.clone()));
-            c.evict(&target);
+            c.publish(Record::Blacklist(r.clone()), now);
+            c.evict(&target, now);
             rec = Some(r);
         });
         tracing::warn!(target = %node_id(&target), ?reason, "mesh.blacklist published");
@@ -1657,6 +1808,48 @@ mod tests {
             model_budget_mib: 0,
             throttled: false,
         }
+    }
+
+    #[test]
+    fn capability_changes_go_out_at_once_and_load_changes_at_a_pace() {
+        let base = caps(4, 4, ResourceClass::Small);
+        assert!(caps_due(None, &base, 0, 2_000, 60_000), "the first one");
+        assert!(!caps_due(Some(&base), &base, 1_000, 2_000, 60_000));
+        assert!(
+            caps_due(Some(&base), &base, 60_000, 2_000, 60_000),
+            "periodically"
+        );
+        let busier = caps(4, 1, ResourceClass::Small);
+        assert!(!caps_due(Some(&base), &busier, 1_000, 2_000, 60_000));
+        assert!(caps_due(Some(&base), &busier, 2_000, 2_000, 60_000));
+        let mut new_model = base.clone();
+        new_model.models.push("qwen".into());
+        assert!(
+            caps_due(Some(&base), &new_model, 0, 20_000, 60_000),
+            "at once"
+        );
+        assert_eq!(load_interval(3), 2_000);
+        assert_eq!(load_interval(100), 2_000);
+        assert_eq!(load_interval(1_000), 20_000);
+        assert_eq!(load_interval(100_000), 30_000);
+    }
+
+    #[test]
+    fn one_origin_cannot_take_every_offer_place() {
+        let (a, b) = (KeyId([1; 32]), KeyId([2; 32]));
+        let mut counts = HashMap::new();
+        for _ in 0..3 {
+            assert!(admit(&mut counts, a, 3));
+        }
+        assert!(!admit(&mut counts, a, 3), "a is at its limit");
+        assert!(admit(&mut counts, b, 3), "b is not held back by a");
+        release(&mut counts, &a);
+        assert!(admit(&mut counts, a, 3));
+        for _ in 0..3 {
+            release(&mut counts, &a);
+        }
+        release(&mut counts, &b);
+        assert!(counts.is_empty(), "origins with nothing here are forgotten");
     }
 
     #[test]

@@ -10,18 +10,27 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use foca::Timer;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use super::core::{Core, Event, Tuning};
-use super::wire::{CapRecord, Message, PeerId, Record};
+use super::wire::{CapRecord, Message, Record};
 use crate::coordinator::model::{ResourceClass, TaskKind};
 use crate::identity::{Identity, KeyId};
 
-/// Envelope bytes around a message: signature (64), version (1), sender (32), time (up to 10),
-/// nonce (16).
-pub const ENVELOPE_OVERHEAD: usize = 64 + 1 + 32 + 10 + 16;
+/// Envelope bytes around a message: signature (64), version (1), sender (32), nonce (16); the
+/// time (a varint) is added per message.
+pub const ENVELOPE_OVERHEAD: usize = 64 + 1 + 32 + 16;
+
+/// Bytes of `v` as a postcard varint.
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
 
 /// Simulation settings.
 #[derive(Debug, Clone)]
@@ -43,12 +52,12 @@ enum What {
     Deliver {
         to: usize,
         from: KeyId,
-        msg: Message,
+        msg: Box<Message>,
     },
-    Timer {
+    /// A node's core asked to be woken at this time.
+    Wake {
         node: usize,
         epoch: u32,
-        timer: Timer<PeerId>,
     },
     Tick,
 }
@@ -59,6 +68,8 @@ struct Node {
     alive: bool,
     epoch: u32,
     group: u8,
+    /// The wake-up already scheduled for this node (ms), if any.
+    wake_at: Option<u64>,
 }
 
 /// What happened, for measurements.
@@ -71,10 +82,12 @@ pub enum Observed {
         /// The peer (index).
         peer: usize,
     },
-    /// `node` was declared dead by the cluster and rejoined under a new generation.
-    Rejoined {
+    /// `node` learned it was suspected or declared dead, and refuted it.
+    Refuted {
         /// The node.
         node: usize,
+        /// It had been declared dead.
+        dead: bool,
     },
     /// `node` learned a capability record of `author` with `seq`.
     Caps {
@@ -144,7 +157,7 @@ impl Sim {
             cfg,
         };
         for i in 0..sim.cfg.nodes {
-            let identity = Arc::new(Identity::generate());
+            let identity = Arc::new(Identity::from_secrets(rng.random(), rng.random()));
             sim.index.insert(identity.key_id(), i);
             let core = Core::new(
                 identity.clone(),
@@ -160,6 +173,7 @@ impl Sim {
                 alive: true,
                 epoch: 0,
                 group: 0,
+                wake_at: None,
             });
         }
         let spread = join_spread.as_millis() as u64;
@@ -170,9 +184,10 @@ impl Sim {
                 } else {
                     rng.random_range(0..spread)
                 };
-            let seed = sim.nodes[0].core.me().clone();
+            let seed = sim.nodes[0].core.own_record().clone();
             sim.at(at, move |s| {
-                s.nodes[i].core.join(seed);
+                let now = s.now;
+                let _ = s.nodes[i].core.join(&seed, now);
                 s.flush(i);
             });
         }
@@ -201,12 +216,37 @@ impl Sim {
         let out = self.nodes[i].core.drain();
         let from = self.nodes[i].identity.key_id();
         for (to, msg) in out.send {
-            let size =
-                postcard::experimental::serialized_size(&msg).unwrap_or(0) + ENVELOPE_OVERHEAD;
+            let size = postcard::experimental::serialized_size(&msg).unwrap_or(0)
+                + ENVELOPE_OVERHEAD
+                + varint_len(self.now);
             self.bytes_sent[i] += size as u64;
             let e = self.by_kind.entry(msg.kind_name()).or_default();
             e.0 += 1;
             e.1 += size as u64;
+            // What SWIM packets carry, counted apart as well (included in the above).
+            if let Message::Swim(p) = &msg {
+                for (name, n, bytes) in [
+                    (
+                        "(updates)",
+                        p.updates.len(),
+                        postcard::experimental::serialized_size(&p.updates).unwrap_or(0),
+                    ),
+                    (
+                        "(records)",
+                        p.records.len(),
+                        postcard::experimental::serialized_size(&p.records).unwrap_or(0),
+                    ),
+                    (
+                        "(intros)",
+                        usize::from(p.intro.is_some()),
+                        postcard::experimental::serialized_size(&p.intro).unwrap_or(0),
+                    ),
+                ] {
+                    let e = self.by_kind.entry(name).or_default();
+                    e.0 += n as u64;
+                    e.1 += bytes as u64;
+                }
+            }
             self.messages += 1;
             let Some(&j) = self.index.get(&to.key) else {
                 continue;
@@ -221,19 +261,16 @@ impl Sim {
             } else {
                 lo
             };
-            self.schedule(self.now + delay, What::Deliver { to: j, from, msg });
-        }
-        let epoch = self.nodes[i].epoch;
-        for (timer, after) in out.timers {
             self.schedule(
-                self.now + after.as_millis() as u64,
-                What::Timer {
-                    node: i,
-                    epoch,
-                    timer,
+                self.now + delay,
+                What::Deliver {
+                    to: j,
+                    from,
+                    msg: Box::new(msg),
                 },
             );
         }
+        self.arm(i);
         for e in out.events {
             match e {
                 Event::PeerDown(p) => {
@@ -254,13 +291,24 @@ impl Sim {
                         ));
                     }
                 }
-                Event::Rejoined => {
+                Event::Refuted { dead } => {
                     self.observed
-                        .push((self.now, Observed::Rejoined { node: i }));
+                        .push((self.now, Observed::Refuted { node: i, dead }));
                 }
                 _ => {}
             }
         }
+    }
+
+    /// Schedules node `i`'s next wake-up if its core wants one sooner than already planned.
+    fn arm(&mut self, i: usize) {
+        let next = self.nodes[i].core.next_wakeup().max(self.now);
+        if next == u64::MAX || self.nodes[i].wake_at.is_some_and(|w| w <= next) {
+            return;
+        }
+        self.nodes[i].wake_at = Some(next);
+        let epoch = self.nodes[i].epoch;
+        self.schedule(next, What::Wake { node: i, epoch });
     }
 
     /// Runs until simulated time `until` (ms since the simulation's start).
@@ -296,22 +344,27 @@ impl Sim {
                 What::Deliver { to, from, msg } => {
                     if self.nodes[to].alive {
                         let now = self.now;
-                        self.nodes[to].core.handle_message(from, msg, now);
+                        self.nodes[to].core.handle_message(from, *msg, now);
                         self.flush(to);
                     }
                 }
-                What::Timer { node, epoch, timer } => {
-                    if self.nodes[node].alive && self.nodes[node].epoch == epoch {
-                        self.nodes[node].core.handle_timer(timer);
-                        self.flush(node);
+                What::Wake { node, epoch } => {
+                    let n = &mut self.nodes[node];
+                    // A wake-up superseded by an earlier one, or of a process since killed.
+                    if !n.alive || n.epoch != epoch || n.wake_at != Some(self.now) {
+                        continue;
                     }
+                    n.wake_at = None;
+                    let now = self.now;
+                    n.core.tick(now);
+                    self.flush(node);
                 }
                 What::Tick => {
+                    // The cores schedule their own work; this only catches a node whose
+                    // wake-up was superseded and then not re-armed.
                     for i in 0..self.nodes.len() {
                         if self.nodes[i].alive {
-                            let now = self.now;
-                            self.nodes[i].core.tick(now);
-                            self.flush(i);
+                            self.arm(i);
                         }
                     }
                     self.schedule(self.now + 1000, What::Tick);
@@ -319,6 +372,12 @@ impl Sim {
             }
         }
         self.now = self.now.max(until);
+    }
+
+    /// The absolute time (ms since the epoch) the simulation starts at; observations carry
+    /// absolute times.
+    pub fn epoch_ms(&self) -> u64 {
+        T0
     }
 
     /// Simulated time, ms since the start.
@@ -330,6 +389,7 @@ impl Sim {
     pub fn kill(&mut self, i: usize) {
         self.nodes[i].alive = false;
         self.nodes[i].epoch += 1;
+        self.nodes[i].wake_at = None;
     }
 
     /// Restarts a killed node: a fresh process, same key, newer generation, joining via `via`.
@@ -346,8 +406,10 @@ impl Sim {
         );
         node.alive = true;
         node.epoch += 1;
-        let contact = self.nodes[via].core.me().clone();
-        self.nodes[i].core.join(contact);
+        node.wake_at = None;
+        let contact = self.nodes[via].core.own_record().clone();
+        let now = self.now;
+        let _ = self.nodes[i].core.join(&contact, now);
         self.flush(i);
     }
 
@@ -432,6 +494,23 @@ impl Sim {
             .count()
     }
 
+    /// Membership counters summed over live nodes (health: the sum of scores).
+    pub fn swim_totals(&self) -> crate::mesh::swim::SwimStats {
+        let mut t = crate::mesh::swim::SwimStats::default();
+        for n in self.nodes.iter().filter(|n| n.alive) {
+            let s = n.core.stats().swim;
+            t.probes += s.probes;
+            t.probes_failed += s.probes_failed;
+            t.suspected += s.suspected;
+            t.declared_dead += s.declared_dead;
+            t.refuted += s.refuted;
+            t.unknown_sender += s.unknown_sender;
+            t.news += s.news;
+            t.health += s.health;
+        }
+        t
+    }
+
     /// Direct access to one node's core.
     pub fn core(&self, i: usize) -> &Core {
         &self.nodes[i].core
@@ -443,8 +522,10 @@ mod tests {
     use super::*;
 
     fn small(nodes: usize, loss: f64, seed: u64) -> Sim {
-        let mut tuning = Tuning::for_cluster(nodes);
-        tuning.sync_interval = Duration::from_secs(5);
+        let tuning = Tuning {
+            sync_interval: Duration::from_secs(5),
+            ..Tuning::default()
+        };
         Sim::new(
             SimConfig {
                 nodes,
@@ -459,7 +540,13 @@ mod tests {
 
     #[test]
     fn membership_converges_and_a_crashed_node_is_declared_dead_everywhere() {
-        let mut sim = small(40, 0.05, 1);
+        for seed in 1..=4 {
+            crash_and_restart(seed);
+        }
+    }
+
+    fn crash_and_restart(seed: u64) {
+        let mut sim = small(40, 0.05, seed);
         sim.run_until(30_000);
         assert_eq!(sim.converged(), 40, "everyone sees everyone");
         sim.kill(7);
@@ -498,7 +585,13 @@ mod tests {
 
     #[test]
     fn a_partition_heals() {
-        let mut sim = small(30, 0.0, 3);
+        for seed in 1..=4 {
+            partition_and_heal(seed);
+        }
+    }
+
+    fn partition_and_heal(seed: u64) {
+        let mut sim = small(30, 0.0, seed);
         sim.run_until(20_000);
         assert_eq!(sim.converged(), 30);
         for i in 15..30 {
@@ -506,6 +599,12 @@ mod tests {
         }
         let t = sim.now_ms();
         sim.run_until(t + 60_000);
+        assert_eq!(
+            sim.seen_alive_by(20),
+            14,
+            "only its own side holds it alive"
+        );
+        assert_eq!(sim.seen_alive_by(3), 14);
         for i in 15..30 {
             sim.set_group(i, 0);
         }

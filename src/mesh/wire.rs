@@ -1,20 +1,18 @@
 //! What travels between nodes: peer identities, signed records, messages and the envelope.
 //!
-//! Everything here is postcard. Three things carry signatures, each under its own domain tag so a
+//! Everything here is postcard. Two things carry signatures, each under its own domain tag so a
 //! signature made for one purpose never verifies as another:
 //!
 //! * an envelope ([`seal`], [`open`]): every message between two nodes, signed by the sender over its exact
 //!   bytes (`DOMAIN_ENVELOPE || body`);
-//! * a [`PeerId`]: a node's membership identity (key, URL, generation), signed by that node, so
-//!   a peer relaying membership ("peer exchange") cannot bind someone else's key to its own URL;
-//! * a [`SignedRecord`]: capability announcements and blacklist records, signed by their author
-//!   and relayed unchanged over several hops, so no relay can alter them.
+//! * a [`SignedRecord`]: membership identities ([`PeerRecord`]: key, URL, generation),
+//!   capability announcements and blacklist records, signed by their author and relayed
+//!   unchanged over several hops, so no relay can alter them (nor bind someone else's key to
+//!   its own URL).
 //!
 //! Decoding never panics and bounds every length (postcard reads lengths as varints; every
 //! vector and string here is checked after decoding against the limits below, and the envelope
 //! as a whole is capped before decoding starts).
-
-use std::sync::Mutex;
 
 use ed25519_dalek::{Signature, Signer, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -25,12 +23,10 @@ use crate::identity::{Identity, KeyId};
 
 /// Domain tag of envelope signatures.
 pub const DOMAIN_ENVELOPE: &[u8] = b"edgecoder/mesh/envelope/v1\0";
-/// Domain tag of peer identity signatures.
-pub const DOMAIN_PEER: &[u8] = b"edgecoder/mesh/peer/v1\0";
 /// Domain tag of record signatures.
 pub const DOMAIN_RECORD: &[u8] = b"edgecoder/mesh/record/v1\0";
 /// Wire format version in every envelope.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Longest URL a peer may advertise.
 pub const MAX_URL: usize = 200;
 /// Most models one capability record lists.
@@ -98,85 +94,26 @@ pub fn valid_url(url: &str) -> bool {
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// A node's membership identity: who it is, where it listens, and which incarnation of the
-/// process this is. Signed by the node, verified whenever one is decoded.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "PeerIdWire")]
+/// Where a member listens, as this node knows it from the member's signed [`PeerRecord`]: the
+/// address every message to it goes to. (Only verified records produce one.)
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct PeerId {
     /// The node's ed25519 public key.
     pub key: KeyId,
     /// Its coordinator's base URL.
     pub url: String,
-    /// Generation: the process's start time in ms, bumped when it must rejoin; a newer
-    /// generation replaces an older identity of the same key.
+    /// Generation: the process's start time in ms; a newer generation is a newer process of the
+    /// same node and replaces the older one.
     pub generation: u64,
-    /// The node's signature over key, generation and URL.
-    pub sig: Sig,
-}
-
-#[derive(Deserialize)]
-struct PeerIdWire {
-    key: KeyId,
-    url: String,
-    generation: u64,
-    sig: Sig,
-}
-
-fn peer_body(key: &KeyId, generation: u64, url: &str) -> Vec<u8> {
-    let mut b = Vec::with_capacity(40 + url.len());
-    b.extend_from_slice(&key.0);
-    b.extend_from_slice(&generation.to_be_bytes());
-    b.extend_from_slice(url.as_bytes());
-    b
-}
-
-/// Identities already verified (a digest of their bytes), so the same identity arriving in every
-/// message costs one hash rather than a signature check. Bounded: cleared when full.
-static VERIFIED_PEERS: Mutex<Option<std::collections::HashSet<[u8; 32]>>> = Mutex::new(None);
-const VERIFIED_PEERS_MAX: usize = 65_536;
-
-impl TryFrom<PeerIdWire> for PeerId {
-    type Error = String;
-
-    fn try_from(w: PeerIdWire) -> Result<Self, Self::Error> {
-        if !valid_url(&w.url) {
-            return Err("peer URL is not a valid http(s) URL".into());
-        }
-        let body = peer_body(&w.key, w.generation, &w.url);
-        let mut h = Sha256::new();
-        h.update(&body);
-        h.update(w.sig.0);
-        let digest: [u8; 32] = h.finalize().into();
-        let mut cache = VERIFIED_PEERS.lock().unwrap_or_else(|p| p.into_inner());
-        let set = cache.get_or_insert_with(Default::default);
-        if !set.contains(&digest) {
-            if !verify(&w.key, DOMAIN_PEER, &body, &w.sig) {
-                return Err("peer identity signature does not verify".into());
-            }
-            if set.len() >= VERIFIED_PEERS_MAX {
-                set.clear();
-            }
-            set.insert(digest);
-        }
-        Ok(PeerId {
-            key: w.key,
-            url: w.url,
-            generation: w.generation,
-            sig: w.sig,
-        })
-    }
 }
 
 impl PeerId {
-    /// Signs a new identity for `identity` at `url`.
-    pub fn new(identity: &Identity, url: &str, generation: u64) -> Self {
-        let key = identity.key_id();
-        let sig = sign(identity, DOMAIN_PEER, &peer_body(&key, generation, url));
+    /// The address in a verified peer record.
+    pub fn of(r: &PeerRecord) -> Self {
         PeerId {
-            key,
-            url: url.to_string(),
-            generation,
-            sig,
+            key: r.node,
+            url: r.url.clone(),
+            generation: r.generation,
         }
     }
 }
@@ -188,21 +125,123 @@ impl std::fmt::Debug for PeerId {
     }
 }
 
-impl foca::Identity for PeerId {
-    type Addr = KeyId;
+/// A node's membership identity, signed by the node as a [`Record::Peer`]: who it is, where it
+/// listens, and which process (generation) this is. Relayed unchanged like every record, so a
+/// peer relaying membership ("peer exchange") cannot bind someone else's key to its own URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The node's key (the record's author).
+    pub node: KeyId,
+    /// The process's start time in ms (bumped by one if it ever must take a new identity); the
+    /// record's version.
+    pub generation: u64,
+    /// Its coordinator's base URL.
+    pub url: String,
+}
 
-    fn renew(&self) -> Option<Self> {
-        // Renewal needs the private key; the mesh driver re-signs and calls `change_identity`
-        // when foca reports the identity defunct.
-        None
-    }
+/// A member's state as SWIM messages carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    /// Answering.
+    Alive,
+    /// Failed a probe; it may refute by raising its incarnation.
+    Suspect,
+    /// Declared dead (a suspicion ran out); it may still refute and come back.
+    Dead,
+    /// Left on purpose (shutdown); final for this generation.
+    Left,
+}
 
-    fn addr(&self) -> KeyId {
-        self.key
-    }
+/// A membership update, spread by piggybacking on SWIM messages (SWIM §4.1, "infection-style
+/// dissemination"). It names the member by key and generation only: the member's address comes
+/// from its signed [`PeerRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// The member.
+    pub key: KeyId,
+    /// Its process generation.
+    pub generation: u64,
+    /// Its incarnation: raised by the member itself to refute a suspicion (SWIM §4.2).
+    pub incarnation: u32,
+    /// The state.
+    pub state: MemberState,
+    /// For `Suspect`: the first 8 bytes of the accuser's key (Lifeguard counts independent
+    /// accusers to shorten a suspicion, §IV-B).
+    pub accuser: Option<[u8; 8]>,
+}
 
-    fn win_addr_conflict(&self, adversary: &Self) -> bool {
-        self.generation > adversary.generation
+/// A record travelling by gossip with the hops it has made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// Hops from its author.
+    pub hops: u8,
+    /// The record.
+    pub record: SignedRecord,
+}
+
+/// What a SWIM packet is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    /// "Are you alive?": answered with an `Ack` of the same sequence number (SWIM §3).
+    Ping {
+        /// Chosen by the sender.
+        seq: u32,
+    },
+    /// The answer to a `Ping`, or a relay passing on the target's answer to a `PingReq`.
+    Ack {
+        /// The `Ping`'s (or `PingReq`'s) sequence number.
+        seq: u32,
+    },
+    /// "Probe `target` for me" (SWIM §3, indirect probing).
+    PingReq {
+        /// The asker's sequence number, echoed in the `Ack` or `Nack`.
+        seq: u32,
+        /// The member to probe.
+        target: KeyId,
+    },
+    /// A relay's "the target did not answer me in time" (Lifeguard §IV-A: an asker that gets
+    /// neither acks nor nacks learns that its own messages are not getting through).
+    Nack {
+        /// The `PingReq`'s sequence number.
+        seq: u32,
+    },
+    /// Updates and records only.
+    Gossip,
+}
+
+/// Most membership updates one packet may carry.
+pub const MAX_UPDATES: usize = 512;
+/// Most records one packet may carry.
+pub const MAX_ITEMS: usize = 256;
+
+/// A SWIM packet with what it piggybacks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Packet {
+    /// The sender's generation (its key is the envelope's).
+    pub generation: u64,
+    /// What it is for.
+    pub probe: Probe,
+    /// The sender's own signed [`PeerRecord`], sent until the receiver has answered this
+    /// generation once: without it a receiver that does not know the sender cannot reply.
+    pub intro: Option<SignedRecord>,
+    /// Membership updates.
+    pub updates: Vec<Update>,
+    /// Gossiped records.
+    pub records: Vec<Item>,
+}
+
+impl Packet {
+    /// Checks the bounds decoding cannot.
+    ///
+    /// # Errors
+    /// Too many updates or records.
+    pub fn check(&self) -> Result<(), WireError> {
+        if self.updates.len() > MAX_UPDATES || self.records.len() > MAX_ITEMS {
+            return Err(WireError::Invalid(
+                "too many updates or records in one packet",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -275,6 +314,8 @@ pub struct BlacklistRecord {
 /// A record authored and signed by one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {
+    /// A membership identity.
+    Peer(PeerRecord),
     /// Capabilities.
     Caps(CapRecord),
     /// A blacklist entry.
@@ -284,6 +325,8 @@ pub enum Record {
 /// Record kinds (for digests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum RecordKind {
+    /// [`Record::Peer`] (first: a node that catches up needs addresses before anything else).
+    Peer,
     /// [`Record::Caps`].
     Caps,
     /// [`Record::Blacklist`].
@@ -294,6 +337,7 @@ impl Record {
     /// The signer.
     pub fn author(&self) -> KeyId {
         match self {
+            Record::Peer(p) => p.node,
             Record::Caps(c) => c.node,
             Record::Blacklist(b) => b.reporter,
         }
@@ -302,6 +346,7 @@ impl Record {
     /// Kind.
     pub fn kind(&self) -> RecordKind {
         match self {
+            Record::Peer(_) => RecordKind::Peer,
             Record::Caps(_) => RecordKind::Caps,
             Record::Blacklist(_) => RecordKind::Blacklist,
         }
@@ -310,6 +355,7 @@ impl Record {
     /// Version within (kind, author).
     pub fn seq(&self) -> u64 {
         match self {
+            Record::Peer(p) => p.generation,
             Record::Caps(c) => c.seq,
             Record::Blacklist(b) => b.seq,
         }
@@ -317,6 +363,12 @@ impl Record {
 
     fn check(&self) -> Result<(), &'static str> {
         match self {
+            Record::Peer(p) => {
+                if !valid_url(&p.url) {
+                    return Err("peer URL is not a valid http(s) URL");
+                }
+                Ok(())
+            }
             Record::Caps(c) => {
                 if !valid_url(&c.url) {
                     return Err("capability URL is invalid");
@@ -459,42 +511,49 @@ pub struct Offer {
 /// A message between two nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// A SWIM packet (foca's encoding).
-    Swim(Vec<u8>),
-    /// Anti-entropy, step 1: a digest of every record held.
+    /// A SWIM packet: membership probes and everything piggybacked on them.
+    Swim(Packet),
+    /// Anti-entropy, step 1: the sender's record digest, split into buckets by the first byte
+    /// of each record's author (`buckets.len()` is a power of two from 1 to 256), so that two
+    /// stores that differ in a few records exchange only the entries of a few buckets.
     SyncHello {
-        /// Truncated SHA-256 over the sorted digest entries.
-        digest: [u8; 16],
-        /// How many records.
-        count: u32,
+        /// Truncated SHA-256 over each bucket's sorted (kind, author, seq) entries.
+        buckets: Vec<[u8; 8]>,
     },
-    /// Step 2 (the digests differed): every (kind, author, seq) the sender holds.
-    SyncDigest(Vec<DigestEntry>),
+    /// Step 2, for buckets whose digests differ: every (kind, author, seq) the sender holds in
+    /// them.
+    SyncDigest {
+        /// The bucket count the hello used.
+        buckets: u16,
+        /// The buckets these entries cover (whole buckets; the rest follows next round).
+        covered: Vec<u8>,
+        /// The entries.
+        entries: Vec<DigestEntry>,
+    },
     /// Step 3: records the sender lacks or holds older versions of.
     SyncWant(Vec<(RecordKind, KeyId)>),
     /// Records, pushed or asked for.
     Records(Vec<SignedRecord>),
     /// A task offer.
     Offer(Offer),
-    /// "I hold your identity of this generation as dead": the receiver rejoins under a newer
-    /// generation (after a partition both sides otherwise ignore each other for good).
-    YouAreDown {
-        /// The generation the sender holds as dead.
-        generation: u64,
-    },
 }
 
 impl Message {
     /// A short name of the kind (for counters).
     pub fn kind_name(&self) -> &'static str {
         match self {
-            Message::Swim(_) => "swim",
+            Message::Swim(p) => match p.probe {
+                Probe::Ping { .. } => "ping",
+                Probe::Ack { .. } => "ack",
+                Probe::PingReq { .. } => "ping_req",
+                Probe::Nack { .. } => "nack",
+                Probe::Gossip => "gossip",
+            },
             Message::SyncHello { .. } => "sync_hello",
-            Message::SyncDigest(_) => "sync_digest",
+            Message::SyncDigest { .. } => "sync_digest",
             Message::SyncWant(_) => "sync_want",
             Message::Records(_) => "records",
             Message::Offer(_) => "offer",
-            Message::YouAreDown { .. } => "you_are_down",
         }
     }
 }
@@ -627,21 +686,69 @@ mod tests {
     }
 
     #[test]
-    fn peer_identities_verify_on_decode() {
+    fn peer_records_bind_a_key_to_its_url_and_generation() {
         let id = Identity::generate();
-        let p = PeerId::new(&id, "http://127.0.0.2:4301", 7);
-        let bytes = postcard::to_allocvec(&p).unwrap();
-        let back: PeerId = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, p);
-        // Someone else's key bound to this URL, or a changed URL, does not decode.
-        let mut hijack = p.clone();
-        hijack.url = "http://10.6.6.6:4301".into();
-        let bytes = postcard::to_allocvec(&hijack).unwrap();
-        assert!(postcard::from_bytes::<PeerId>(&bytes).is_err());
-        let mut newer = p.clone();
-        newer.generation = 8;
-        let bytes = postcard::to_allocvec(&newer).unwrap();
-        assert!(postcard::from_bytes::<PeerId>(&bytes).is_err());
+        let rec = Record::Peer(PeerRecord {
+            node: id.key_id(),
+            generation: 7,
+            url: "http://127.0.0.2:4301".into(),
+        });
+        let signed = SignedRecord::sign(&id, &rec);
+        let Record::Peer(p) = signed.open().unwrap() else {
+            panic!("not a peer record")
+        };
+        assert_eq!(PeerId::of(&p).url, "http://127.0.0.2:4301");
+        // Someone else's key bound to their URL does not verify.
+        let mallory = Identity::generate();
+        let hijack = SignedRecord::sign(
+            &mallory,
+            &Record::Peer(PeerRecord {
+                node: id.key_id(),
+                generation: 8,
+                url: "http://10.6.6.6:4301".into(),
+            }),
+        );
+        assert_eq!(hijack.open(), Err(WireError::BadSignature));
+        // Nor does a URL that is not http(s).
+        let bad = SignedRecord::sign(
+            &id,
+            &Record::Peer(PeerRecord {
+                node: id.key_id(),
+                generation: 9,
+                url: "file:///etc/passwd".into(),
+            }),
+        );
+        assert!(matches!(bad.open(), Err(WireError::Invalid(_))));
+    }
+
+    #[test]
+    fn packets_round_trip_and_their_bounds_are_checked() {
+        let id = Identity::generate();
+        let update = Update {
+            key: id.key_id(),
+            generation: 1_700_000_000_000,
+            incarnation: 3,
+            state: MemberState::Suspect,
+            accuser: Some([1; 8]),
+        };
+        let p = Packet {
+            generation: 1_700_000_000_001,
+            probe: Probe::PingReq {
+                seq: 9,
+                target: id.key_id(),
+            },
+            intro: None,
+            updates: vec![update.clone()],
+            records: vec![],
+        };
+        let env = seal(&id, Message::Swim(p.clone()), 1_000);
+        let body = open(&env, 65_536, 1_000, 30_000).unwrap();
+        assert_eq!(body.msg, Message::Swim(p.clone()));
+        // A compact update: key, varint generation and incarnation, state, accuser prefix.
+        assert!(postcard::to_allocvec(&update).unwrap().len() <= 50);
+        let mut many = p;
+        many.updates = vec![update; MAX_UPDATES + 1];
+        assert!(many.check().is_err());
     }
 
     #[test]
@@ -684,7 +791,7 @@ mod tests {
             }
             let _ = open(&v, 65_536, 0, 30_000);
             let _ = open(&v, 65_536, u64::MAX, 30_000);
-            let _ = postcard::from_bytes::<PeerId>(&v);
+            let _ = postcard::from_bytes::<Packet>(&v);
             let _ = postcard::from_bytes::<Message>(&v);
         }
     }
