@@ -224,10 +224,10 @@ fn forged_tampered_replayed_expired_and_oversized_envelopes_are_refused_and_coun
     // ...once.
     assert_eq!(post(&url, &good), 409, "replay");
 
-    // Tampered: one byte of the signed message changed.
+    // Tampered: one byte of the signed body changed (in the nonce, so that it still decodes:
+    // signature 64, version 1, sender 32, a 6-byte time, then 16 nonce bytes).
     let mut tampered = wire::seal(&stranger, msg(), now_ms());
-    let last = tampered.len() - 1;
-    tampered[last] ^= 1;
+    tampered[64 + 1 + 32 + 6 + 3] ^= 1;
     assert_eq!(post(&url, &tampered), 401);
 
     // Forged: signed by mallory, claiming to be the node itself.
