@@ -211,6 +211,11 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Buckets for anti-entropy digests over `n` entries: about `ENTRIES_PER_BUCKET` each.
+fn bucket_count(n: usize) -> usize {
+    (n / ENTRIES_PER_BUCKET).next_power_of_two().clamp(1, 256)
+}
+
 fn valid_buckets(n: usize) -> bool {
     (1..=256).contains(&n) && n.is_power_of_two()
 }
@@ -351,14 +356,19 @@ impl Core {
         let Some(to) = self.swim.member(&key).cloned() else {
             return;
         };
-        let buckets = (self.records.len() / ENTRIES_PER_BUCKET)
-            .next_power_of_two()
-            .clamp(1, 256);
+        let buckets = bucket_count(self.records.len());
         let digests = self.records.bucket_digests(buckets);
+        let members = self
+            .swim
+            .member_digests(bucket_count(self.swim.members().count() + 1));
         self.stats.syncs += 1;
-        self.out
-            .send
-            .push((to, Message::SyncHello { buckets: digests }));
+        self.out.send.push((
+            to,
+            Message::SyncHello {
+                buckets: digests,
+                members,
+            },
+        ));
     }
 
     /// Stores a record if it is news and tells the rest of the node; the record when new.
@@ -496,10 +506,28 @@ impl Core {
         };
         match msg {
             Message::Swim(_) => {}
-            Message::SyncHello { buckets } => {
-                if !valid_buckets(buckets.len()) {
+            Message::SyncHello { buckets, members } => {
+                if !valid_buckets(buckets.len()) || !valid_buckets(members.len()) {
                     self.stats.records_rejected += 1;
                     return;
+                }
+                let m = members.len();
+                let ours = self.swim.member_digests(m);
+                let covered: Vec<u8> = (0..m)
+                    .filter(|b| ours[*b] != members[*b])
+                    .map(|b| b as u8)
+                    .collect();
+                if !covered.is_empty() {
+                    let updates = self.swim.member_view(&covered, m);
+                    self.out.send.push((
+                        peer.clone(),
+                        Message::SyncMembers {
+                            buckets: m as u16,
+                            covered,
+                            updates,
+                            reply: true,
+                        },
+                    ));
                 }
                 let n = buckets.len();
                 let ours = self.records.bucket_digests(n);
@@ -547,6 +575,33 @@ impl Core {
                     let mut want = want;
                     want.truncate(4_096);
                     self.out.send.push((peer, Message::SyncWant(want)));
+                }
+            }
+            Message::SyncMembers {
+                buckets,
+                covered,
+                updates,
+                reply,
+            } => {
+                let n = usize::from(buckets);
+                if !valid_buckets(n) || covered.iter().any(|b| usize::from(*b) >= n) {
+                    self.stats.records_rejected += 1;
+                    return;
+                }
+                // Our view first (taken before merging theirs), so that each side gets the
+                // other's.
+                let ours = reply.then(|| self.swim.member_view(&covered, n));
+                self.swim.merge(from, &updates, now_ms);
+                if let Some(updates) = ours {
+                    self.out.send.push((
+                        peer,
+                        Message::SyncMembers {
+                            buckets,
+                            covered,
+                            updates,
+                            reply: false,
+                        },
+                    ));
                 }
             }
             Message::SyncWant(want) => {
@@ -672,7 +727,7 @@ fn cap_records(records: Vec<SignedRecord>) -> Vec<SignedRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::wire::{Packet, Probe};
+    use crate::mesh::wire::{Packet, Probe, Update};
 
     fn core(url: &str) -> (Arc<Identity>, Core) {
         let id = Arc::new(Identity::generate());
@@ -745,6 +800,7 @@ mod tests {
             s_id.key_id(),
             Message::SyncHello {
                 buckets: vec![[0; 8]],
+                members: vec![[0; 8]],
             },
             2_000,
         );
@@ -798,6 +854,110 @@ mod tests {
         assert_eq!(
             a.with_records(|r| r.entries()),
             seed.with_records(|r| r.entries())
+        );
+    }
+
+    /// Passes messages between two cores (and only them) until neither has anything to send.
+    fn exchange(a: &mut Core, b: &mut Core, now: u64) {
+        let (ak, bk) = (a.me().key, b.me().key);
+        for _ in 0..20 {
+            let from_a = a.drain().send;
+            let from_b = b.drain().send;
+            if from_a.is_empty() && from_b.is_empty() {
+                return;
+            }
+            for (to, m) in from_a {
+                if to.key == bk {
+                    b.handle_message(ak, m, now);
+                }
+            }
+            for (to, m) in from_b {
+                if to.key == ak {
+                    a.handle_message(bk, m, now);
+                }
+            }
+        }
+    }
+
+    fn state_of(c: &Core, key: &KeyId) -> (PeerState, u32) {
+        let p = c.peers().into_iter().find(|p| p.id.key == *key).unwrap();
+        (p.state, p.incarnation)
+    }
+
+    #[test]
+    fn membership_anti_entropy_repairs_a_missed_death_and_a_missed_refutation() {
+        let (_, mut a) = core("http://10.0.0.1:4301");
+        let (_, mut b) = core("http://10.0.0.2:4301");
+        let (x_id, x) = core("http://10.0.0.3:4301");
+        let (y_id, y) = core("http://10.0.0.4:4301");
+        for c in [&mut a, &mut b] {
+            for o in [&x, &y] {
+                c.handle_message(
+                    o.me().key,
+                    packet(1_000, Some(o.own_record().clone()), vec![]),
+                    1_100,
+                );
+            }
+        }
+        let (ar, br) = (a.own_record().clone(), b.own_record().clone());
+        let (ak, bk) = (a.me().key, b.me().key);
+        a.handle_message(bk, packet(1_000, Some(br), vec![]), 1_100);
+        b.handle_message(ak, packet(1_000, Some(ar), vec![]), 1_100);
+        exchange(&mut a, &mut b, 1_100);
+        a.drain();
+        b.drain();
+        let update = |key: KeyId, incarnation, state| Update {
+            key,
+            generation: 1_000,
+            incarnation,
+            state,
+            accuser: None,
+        };
+        let gossip = |u: Vec<Update>| {
+            Message::Swim(Packet {
+                generation: 1_000,
+                probe: Probe::Gossip,
+                intro: None,
+                updates: u,
+                records: vec![],
+            })
+        };
+        // a heard that x died, and that y died; b missed the first, and heard y refute.
+        a.handle_message(
+            y_id.key_id(),
+            gossip(vec![
+                update(x_id.key_id(), 0, MemberState::Dead),
+                update(y_id.key_id(), 0, MemberState::Dead),
+            ]),
+            1_200,
+        );
+        b.handle_message(
+            y_id.key_id(),
+            gossip(vec![update(y_id.key_id(), 1, MemberState::Alive)]),
+            1_200,
+        );
+        assert_eq!(state_of(&a, &x_id.key_id()).0, PeerState::Dead);
+        assert_eq!(state_of(&b, &x_id.key_id()).0, PeerState::Alive);
+        assert_eq!(state_of(&a, &y_id.key_id()).0, PeerState::Dead);
+        a.drain();
+        b.drain();
+        let b_key = b.me().key;
+        a.sync_with(b_key);
+        exchange(&mut a, &mut b, 1_300);
+        assert_eq!(
+            state_of(&b, &x_id.key_id()),
+            (PeerState::Dead, 0),
+            "b learns the death"
+        );
+        assert_eq!(
+            state_of(&a, &y_id.key_id()),
+            (PeerState::Alive, 1),
+            "a the refutation"
+        );
+        assert_eq!(
+            a.swim.member_digests(4),
+            b.swim.member_digests(4),
+            "and the views agree"
         );
     }
 }

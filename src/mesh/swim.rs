@@ -447,6 +447,74 @@ impl Swim {
             .collect()
     }
 
+    /// Membership anti-entropy: a digest of each of `buckets` buckets (by the first byte of
+    /// the key) over (key, generation, up or down) of every member, this node included.
+    /// Suspicions and incarnations are left out: any two views differ in them for a moment.
+    /// A member this node blacklisted counts as up: that is its own decision, not news to
+    /// exchange.
+    pub fn member_digests(&self, buckets: usize) -> Vec<[u8; 8]> {
+        use sha2::{Digest, Sha256};
+        let buckets = buckets.clamp(1, 256).next_power_of_two();
+        let mut hashers: Vec<Sha256> = (0..buckets).map(|_| Sha256::new()).collect();
+        let me = std::iter::once((&self.me.key, self.me.generation, true));
+        let others = self.members.values().map(|m| {
+            let up = m.blocked || matches!(m.state, MemberState::Alive | MemberState::Suspect);
+            (&m.peer.key, m.peer.generation, up)
+        });
+        // BTreeMap order: the same members hash in the same order everywhere.
+        let mut all: Vec<(&KeyId, u64, bool)> = me.chain(others).collect();
+        all.sort_by_key(|(k, _, _)| **k);
+        for (k, g, up) in all {
+            let h = &mut hashers[super::records::bucket_of(k, buckets)];
+            h.update(k.0);
+            h.update(g.to_be_bytes());
+            h.update([u8::from(up)]);
+        }
+        hashers
+            .into_iter()
+            .map(|h| {
+                let full: [u8; 32] = h.finalize().into();
+                let mut d = [0u8; 8];
+                d.copy_from_slice(&full[..8]);
+                d
+            })
+            .collect()
+    }
+
+    /// This node's view of the members in the `covered` buckets, itself included (blacklisted
+    /// members left out).
+    pub fn member_view(&self, covered: &[u8], buckets: usize) -> Vec<Update> {
+        let inside = |k: &KeyId| covered.contains(&(super::records::bucket_of(k, buckets) as u8));
+        let me = inside(&self.me.key).then(|| self.my_update());
+        me.into_iter()
+            .chain(
+                self.members
+                    .values()
+                    .filter(|m| !m.blocked && inside(&m.peer.key))
+                    .map(|m| self.update_of(m)),
+            )
+            .take(super::wire::MAX_UPDATES)
+            .collect()
+    }
+
+    /// Merges another member's view (membership anti-entropy) as if it had been gossiped.
+    pub fn merge(&mut self, from: KeyId, updates: &[Update], now_ms: u64) {
+        for u in updates.iter().take(super::wire::MAX_UPDATES) {
+            if self.apply(u, now_ms) {
+                self.stats.news += 1;
+                self.push_update(u.clone(), now_ms);
+            } else if u.key != self.me.key
+                && matches!(u.state, MemberState::Alive | MemberState::Suspect)
+                && self
+                    .members
+                    .get(&u.key)
+                    .is_none_or(|m| m.peer.generation < u.generation)
+            {
+                self.events.push(SwimEvent::Unknown { key: u.key, from });
+            }
+        }
+    }
+
     fn update_of(&self, m: &Member) -> Update {
         Update {
             key: m.peer.key,
@@ -986,20 +1054,7 @@ impl Swim {
         }
         m.last_seen_ms = now_ms;
         self.stale_view = false;
-        for u in updates.iter().take(super::wire::MAX_UPDATES) {
-            if self.apply(u, now_ms) {
-                self.stats.news += 1;
-                self.push_update(u.clone(), now_ms);
-            } else if u.key != self.me.key
-                && matches!(u.state, MemberState::Alive | MemberState::Suspect)
-                && self
-                    .members
-                    .get(&u.key)
-                    .is_none_or(|m| m.peer.generation < u.generation)
-            {
-                self.events.push(SwimEvent::Unknown { key: u.key, from });
-            }
-        }
+        self.merge(from, updates, now_ms);
         // The sender holds an old suspicion or death of this node, one whose refutation has
         // long stopped travelling: correct it directly.
         let correction = if self.stale_view {

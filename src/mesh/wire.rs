@@ -519,6 +519,22 @@ pub enum Message {
     SyncHello {
         /// Truncated SHA-256 over each bucket's sorted (kind, author, seq) entries.
         buckets: Vec<[u8; 8]>,
+        /// The same for membership: each bucket's (key, generation, up or down) of every member
+        /// the sender knows, itself included.
+        members: Vec<[u8; 8]>,
+    },
+    /// Membership anti-entropy, for buckets whose digests differ: the sender's view of every
+    /// member in them, as updates. The receiver merges them like gossip and, if `reply`,
+    /// answers with its own view of the same buckets.
+    SyncMembers {
+        /// The bucket count the hello used.
+        buckets: u16,
+        /// The buckets covered.
+        covered: Vec<u8>,
+        /// The sender's view.
+        updates: Vec<Update>,
+        /// Answer with this node's view.
+        reply: bool,
     },
     /// Step 2, for buckets whose digests differ: every (kind, author, seq) the sender holds in
     /// them.
@@ -551,6 +567,7 @@ impl Message {
             },
             Message::SyncHello { .. } => "sync_hello",
             Message::SyncDigest { .. } => "sync_digest",
+            Message::SyncMembers { .. } => "sync_members",
             Message::SyncWant(_) => "sync_want",
             Message::Records(_) => "records",
             Message::Offer(_) => "offer",
