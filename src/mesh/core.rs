@@ -417,39 +417,52 @@ impl Core {
         for (to, p) in packets {
             self.out.send.push((to, Message::Swim(p)));
         }
+        let mut unknown: Vec<(KeyId, KeyId)> = Vec::new();
         for e in events {
             match e {
                 SwimEvent::Up(p) => self.out.events.push(Event::PeerUp(p)),
                 SwimEvent::Down(p) => self.out.events.push(Event::PeerDown(p)),
                 SwimEvent::Refuted { dead } => self.out.events.push(Event::Refuted { dead }),
                 SwimEvent::Forgotten(k, g) => self.records.forget(&k, g, now_ms),
-                SwimEvent::Unknown { key, from } => self.ask_identity(key, from, now_ms),
+                SwimEvent::Unknown { key, from } => unknown.push((from, key)),
             }
         }
+        self.ask_identities(unknown, now_ms);
     }
 
-    /// Asks `from` for `key`'s identity record, at most once per `ASK_AGAIN_MS` per key.
-    fn ask_identity(&mut self, key: KeyId, from: KeyId, now_ms: u64) {
-        if self
-            .asked
-            .get(&key)
-            .is_some_and(|t| now_ms < t + ASK_AGAIN_MS)
-        {
+    /// Asks, in one message per member, for identity records that members mentioned and this
+    /// node lacks; each key at most once per `ASK_AGAIN_MS`.
+    fn ask_identities(&mut self, mut unknown: Vec<(KeyId, KeyId)>, now_ms: u64) {
+        if unknown.is_empty() {
             return;
         }
         if self.asked.len() >= 4_096 {
             self.asked.retain(|_, t| now_ms < *t + ASK_AGAIN_MS);
-            if self.asked.len() >= 4_096 {
-                return;
+        }
+        unknown.sort_by_key(|(from, key)| (*key, *from));
+        unknown.dedup_by_key(|(_, key)| *key);
+        let mut by_member: std::collections::BTreeMap<KeyId, Vec<(RecordKind, KeyId)>> =
+            Default::default();
+        for (from, key) in unknown {
+            if self.asked.len() >= 4_096
+                || self
+                    .asked
+                    .get(&key)
+                    .is_some_and(|t| now_ms < t + ASK_AGAIN_MS)
+            {
+                continue;
+            }
+            self.asked.insert(key, now_ms);
+            by_member
+                .entry(from)
+                .or_default()
+                .push((RecordKind::Peer, key));
+        }
+        for (from, want) in by_member {
+            if let Some(to) = self.swim.member(&from).cloned() {
+                self.out.send.push((to, Message::SyncWant(want)));
             }
         }
-        let Some(to) = self.swim.member(&from).cloned() else {
-            return;
-        };
-        self.asked.insert(key, now_ms);
-        self.out
-            .send
-            .push((to, Message::SyncWant(vec![(RecordKind::Peer, key)])));
     }
 
     /// A verified message from `from` (its envelope checked by the caller).
@@ -591,7 +604,7 @@ impl Core {
                 // Our view first (taken before merging theirs), so that each side gets the
                 // other's.
                 let ours = reply.then(|| self.swim.member_view(&covered, n));
-                self.swim.merge(from, &updates, now_ms);
+                self.swim.merge(from, &updates, false, now_ms);
                 if let Some(updates) = ours {
                     self.out.send.push((
                         peer,

@@ -170,6 +170,8 @@ struct ProbeState {
     end_ms: u64,
     expected_nacks: u32,
     nacks: u32,
+    /// Members asked to probe the target: their acks and nacks count, nobody else's.
+    relays: Vec<KeyId>,
 }
 
 #[derive(Debug, Clone)]
@@ -461,7 +463,7 @@ impl Swim {
             let up = m.blocked || matches!(m.state, MemberState::Alive | MemberState::Suspect);
             (&m.peer.key, m.peer.generation, up)
         });
-        // BTreeMap order: the same members hash in the same order everywhere.
+        // Sorted by key: the same members hash in the same order everywhere.
         let mut all: Vec<(&KeyId, u64, bool)> = me.chain(others).collect();
         all.sort_by_key(|(k, _, _)| **k);
         for (k, g, up) in all {
@@ -497,13 +499,16 @@ impl Swim {
             .collect()
     }
 
-    /// Merges another member's view (membership anti-entropy) as if it had been gossiped.
-    pub fn merge(&mut self, from: KeyId, updates: &[Update], now_ms: u64) {
+    /// Merges updates from `from` (gossip, or its view in anti-entropy). With `ask`, members
+    /// this node has no identity for are reported (`SwimEvent::Unknown`) so that it asks for
+    /// them; anti-entropy fetches identities by itself.
+    pub fn merge(&mut self, from: KeyId, updates: &[Update], ask: bool, now_ms: u64) {
         for u in updates.iter().take(super::wire::MAX_UPDATES) {
             if self.apply(u, now_ms) {
                 self.stats.news += 1;
                 self.push_update(u.clone(), now_ms);
-            } else if u.key != self.me.key
+            } else if ask
+                && u.key != self.me.key
                 && matches!(u.state, MemberState::Alive | MemberState::Suspect)
                 && self
                     .members
@@ -798,6 +803,7 @@ impl Swim {
             let relays = self.random_active(self.tuning.indirect_probes, &[target]);
             if let Some(p) = self.probes.iter_mut().find(|p| p.seq == seq) {
                 p.expected_nacks += relays.len() as u32;
+                p.relays.extend(relays.iter().copied());
             }
             for r in relays {
                 self.send(r, Probe::PingReq { seq, target });
@@ -827,6 +833,7 @@ impl Swim {
             end_ms: now_ms + period,
             expected_nacks: 0,
             nacks: 0,
+            relays: Vec::new(),
         });
         if !verify {
             self.stats.probes += 1;
@@ -1054,7 +1061,7 @@ impl Swim {
         }
         m.last_seen_ms = now_ms;
         self.stale_view = false;
-        self.merge(from, updates, now_ms);
+        self.merge(from, updates, true, now_ms);
         // The sender holds an old suspicion or death of this node, one whose refutation has
         // long stopped travelling: correct it directly.
         let correction = if self.stale_view {
@@ -1068,7 +1075,11 @@ impl Swim {
                 return;
             }
             Probe::Ack { seq } => {
-                if let Some(i) = self.probes.iter().position(|p| p.seq == seq) {
+                if let Some(i) = self
+                    .probes
+                    .iter()
+                    .position(|p| p.seq == seq && (p.target == from || p.relays.contains(&from)))
+                {
                     let p = self.probes.swap_remove(i);
                     if p.verify {
                         self.verified_alive(&p.target, now_ms);
@@ -1109,7 +1120,11 @@ impl Swim {
                 }
             }
             Probe::Nack { seq } => {
-                if let Some(p) = self.probes.iter_mut().find(|p| p.seq == seq) {
+                if let Some(p) = self
+                    .probes
+                    .iter_mut()
+                    .find(|p| p.seq == seq && p.relays.contains(&from))
+                {
                     p.nacks += 1;
                 }
             }
@@ -1690,5 +1705,26 @@ mod tests {
                     && u.incarnation == 1)),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn only_the_target_or_its_relays_can_answer_a_probe() {
+        let (_, a, ar) = node(1, 1);
+        let mut s = swim(&a, &ar);
+        let others: Vec<PeerId> = (2..5).map(|i| node(i, 1).1).collect();
+        for p in &others {
+            s.learn(p.clone(), 0);
+        }
+        s.tick(0);
+        let (out, _) = s.drain();
+        let (target, seq) = match (&out[0].0, out[0].1.probe) {
+            (to, Probe::Ping { seq }) => (to.key, seq),
+            other => panic!("{other:?}"),
+        };
+        let bystander = others.iter().find(|p| p.key != target).unwrap().key;
+        s.handle(bystander, 1, Probe::Ack { seq }, &[], 10);
+        assert_eq!(s.probes.len(), 1, "a bystander's ack does not count");
+        s.handle(target, 1, Probe::Ack { seq }, &[], 20);
+        assert!(s.probes.is_empty(), "the target's does");
     }
 }
