@@ -15,6 +15,9 @@
 //! * [`coordinator`] — the task queue, leases, agents, task events and results (:4301).
 //! * [`worker`] — the worker process and the node's supervisor for it.
 //! * [`inference`], [`control_plane`], [`ide`] — the other three ports.
+//! * [`mesh`] — nodes finding and watching each other (SWIM with Lifeguard), gossiped signed
+//!   records, and tasks offered to peers.
+//! * [`hw`] — what the node stands on: board, CPU, memory, GPUs, throttling, capacity.
 //! * [`client`] — signed HTTP client for the coordinator API (worker, CLI, tests).
 //! * [`cli`] — the client-side commands (`task`, `status`, `keygen`); [`mod@bench`] — `edgecoder bench`.
 //! * [`http`], [`metrics`], [`health`], [`systemd`], [`clock`] — shared plumbing.
