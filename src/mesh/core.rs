@@ -220,6 +220,22 @@ fn valid_buckets(n: usize) -> bool {
     (1..=256).contains(&n) && n.is_power_of_two()
 }
 
+/// The bucket count of a digest answer, if valid and every covered bucket is within it.
+fn valid_cover(buckets: u16, covered: &[u8]) -> Option<usize> {
+    let n = usize::from(buckets);
+    (valid_buckets(n) && covered.iter().all(|b| usize::from(*b) < n)).then_some(n)
+}
+
+/// Buckets whose digests differ (both lists of the same length).
+fn differing(ours: &[[u8; 8]], theirs: &[[u8; 8]]) -> Vec<u8> {
+    ours.iter()
+        .zip(theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i as u8)
+        .collect()
+}
+
 impl Core {
     /// A node that knows no one yet, whose process generation is `now_ms`. `trusted`
     /// reporters' blacklist records are enforced (this node's own always are).
@@ -525,11 +541,7 @@ impl Core {
                     return;
                 }
                 let m = members.len();
-                let ours = self.swim.member_digests(m);
-                let covered: Vec<u8> = (0..m)
-                    .filter(|b| ours[*b] != members[*b])
-                    .map(|b| b as u8)
-                    .collect();
+                let covered = differing(&self.swim.member_digests(m), &members);
                 if !covered.is_empty() {
                     let updates = self.swim.member_view(&covered, m);
                     self.out.send.push((
@@ -543,17 +555,16 @@ impl Core {
                     ));
                 }
                 let n = buckets.len();
-                let ours = self.records.bucket_digests(n);
                 let mut covered = Vec::new();
                 let mut entries: Vec<DigestEntry> = Vec::new();
-                for b in (0..n).filter(|b| ours[*b] != buckets[*b]) {
-                    let e = self.records.bucket_entries(b, n);
+                for b in differing(&self.records.bucket_digests(n), &buckets) {
+                    let e = self.records.bucket_entries(usize::from(b), n);
                     if !covered.is_empty()
                         && (entries.len() + e.len()) * DIGEST_ENTRY_BYTES > MAX_SYNC_BYTES
                     {
                         break;
                     }
-                    covered.push(b as u8);
+                    covered.push(b);
                     entries.extend(e);
                 }
                 if !covered.is_empty() {
@@ -572,11 +583,10 @@ impl Core {
                 covered,
                 entries,
             } => {
-                let n = usize::from(buckets);
-                if !valid_buckets(n) || covered.iter().any(|b| usize::from(*b) >= n) {
+                let Some(n) = valid_cover(buckets, &covered) else {
                     self.stats.records_rejected += 1;
                     return;
-                }
+                };
                 let (send, want) = self.records.diff(&entries, &covered, n);
                 let send = cap_records(send);
                 if !send.is_empty() {
@@ -596,11 +606,10 @@ impl Core {
                 updates,
                 reply,
             } => {
-                let n = usize::from(buckets);
-                if !valid_buckets(n) || covered.iter().any(|b| usize::from(*b) >= n) {
+                let Some(n) = valid_cover(buckets, &covered) else {
                     self.stats.records_rejected += 1;
                     return;
-                }
+                };
                 // Our view first (taken before merging theirs), so that each side gets the
                 // other's.
                 let ours = reply.then(|| self.swim.member_view(&covered, n));
