@@ -1092,6 +1092,19 @@ pub fn claim_delay(caps: &CapRecord, min_class: Option<ResourceClass>, jitter: f
     Duration::from_micros((ms.max(0.0) * 1000.0) as u64)
 }
 
+/// The class a claimant's surplus is measured from: the smallest among the live members that
+/// advertise free slots and what the task needs (this node included), and at least what the
+/// task asks for. Among equal peers nobody waits for being big; a big peer still waits for
+/// small ones that can take the task.
+pub fn claim_floor(
+    min_class: Option<ResourceClass>,
+    own: ResourceClass,
+    candidates: impl IntoIterator<Item = ResourceClass>,
+) -> ResourceClass {
+    let smallest = candidates.into_iter().fold(own, ResourceClass::min);
+    smallest.max(min_class.unwrap_or_default())
+}
+
 fn caps_of(c: &CapRecord) -> Capabilities {
     Capabilities {
         kinds: c.kinds.clone(),
@@ -1363,7 +1376,16 @@ impl Mesh {
             return;
         }
         let jitter = f64::from(u16::from_le_bytes(crate::clock::random_bytes::<2>())) / 65535.0;
-        let delay = claim_delay(&caps, offer.min_class, jitter);
+        let others: Vec<ResourceClass> = {
+            let core = lock(&self.0.core);
+            core.active()
+                .filter_map(|p| core.with_records(|r| r.caps_of(&p.key).cloned()))
+                .filter(|c| c.free_slots > 0 && caps_of(c).matches(offer.kind, &req))
+                .map(|c| c.resource_class)
+                .collect()
+        };
+        let floor = claim_floor(offer.min_class, caps.resource_class, others);
+        let delay = claim_delay(&caps, Some(floor), jitter);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = self.0.token.cancelled() => return,
@@ -1879,6 +1901,24 @@ mod tests {
         assert!(big > idle, "a bigger node leaves the task to a fitting one");
         let jittered = claim_delay(&caps(4, 4, ResourceClass::Tiny), None, 1.0);
         assert!(jittered <= Duration::from_millis(CLAIM_JITTER_MS as u64));
+    }
+
+    #[test]
+    fn surplus_counts_from_the_smallest_peer_that_could_take_the_task() {
+        use ResourceClass::{Large, Medium, Small, Tiny};
+        // Peers all of one class: nobody waits for being big.
+        let floor = claim_floor(None, Medium, [Medium, Medium]);
+        assert_eq!(floor, Medium);
+        assert_eq!(
+            claim_delay(&caps(4, 4, Medium), Some(floor), 0.0),
+            Duration::ZERO
+        );
+        // A small peer could take it: the medium one leaves it to it.
+        assert_eq!(claim_floor(None, Medium, [Small, Large]), Small);
+        // The task's own minimum is the floor when every candidate is above it...
+        assert_eq!(claim_floor(Some(Small), Large, [Large]), Large);
+        // ...and never below it.
+        assert_eq!(claim_floor(Some(Medium), Medium, [Tiny]), Medium);
     }
 
     #[test]
