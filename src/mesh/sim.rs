@@ -584,6 +584,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lossy_mesh_declares_no_live_node_dead() {
+        let mut sim = small(100, 0.2, 5);
+        sim.run_until(60_000);
+        assert_eq!(sim.converged(), 100);
+        let before = sim.observed.len();
+        sim.run_until(180_000);
+        let deaths: Vec<&(u64, Observed)> = sim.observed[before..]
+            .iter()
+            .filter(|(_, o)| matches!(o, Observed::Down { .. }))
+            .collect();
+        assert!(deaths.is_empty(), "false deaths at 20 % loss: {deaths:?}");
+        assert_eq!(sim.converged(), 100);
+    }
+
+    #[test]
     fn a_partition_heals() {
         for seed in 1..=4 {
             partition_and_heal(seed);
