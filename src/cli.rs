@@ -130,6 +130,98 @@ pub enum Command {
     /// Measure a real node: boot time, idle memory, task throughput (see docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Run the anchor proxy (:4311): holds bitcoind credentials and anchors hashes in Bitcoin
+    /// for coordinators (a separate deployment; docs/api/anchor-proxy.md).
+    AnchorProxy(ConfigArgs),
+    /// Anchor data through an anchor proxy, or look an anchor up.
+    #[command(subcommand)]
+    Anchor(AnchorCmd),
+}
+
+/// `edgecoder anchor ...`.
+#[derive(Debug, Subcommand)]
+pub enum AnchorCmd {
+    /// Anchor hex data (1-80 bytes, e.g. a checkpoint hash); the same data again returns the
+    /// existing anchor.
+    Submit {
+        /// The data, hex.
+        data: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        proxy: ProxyArgs,
+    },
+    /// Show an anchor: its transaction and confirmations.
+    Get {
+        /// The data, hex.
+        data: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        proxy: ProxyArgs,
+    },
+}
+
+/// How `edgecoder anchor` reaches a proxy.
+#[derive(Debug, Args, Clone)]
+pub struct ProxyArgs {
+    /// The anchor proxy's URL.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:4311")]
+    pub proxy: String,
+    /// Key to sign with (one of the proxy's anchor_proxy.client_keys; default: the node's
+    /// identity.key).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+}
+
+/// `edgecoder anchor ...`.
+///
+/// # Errors
+/// Configuration problems, an unreadable key, the proxy's refusal.
+pub async fn anchor(cmd: AnchorCmd) -> anyhow::Result<u8> {
+    let (data, proxy, submit) = match cmd {
+        AnchorCmd::Submit { data, proxy } => (data, proxy, true),
+        AnchorCmd::Get { data, proxy } => (data, proxy, false),
+    };
+    let key_path = match &proxy.key {
+        Some(k) => k.clone(),
+        None => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            let (cfg, _) = Config::load(&proxy.config.overrides(), &env)?;
+            identity_path(&cfg.data_dir)
+        }
+    };
+    let identity = Identity::load(&key_path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (pass --key)",
+            key_path.display()
+        )
+    })?;
+    let client = CoordinatorClient::new(&proxy.proxy, Arc::new(identity))?;
+    let view: crate::anchor_proxy::anchors::AnchorView = if submit {
+        let req = crate::anchor_proxy::AnchorRequest { data };
+        client.post("/anchors", &req).await?
+    } else {
+        client.get(&format!("/anchors/{data}")).await?
+    };
+    if proxy.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        let conf = match (view.confirmations, &view.chain_error) {
+            (Some(c), _) => format!("{c} confirmations"),
+            (None, Some(e)) => format!("confirmations unknown ({e})"),
+            (None, None) => "confirmations unknown".into(),
+        };
+        println!(
+            "txid {} ({:?}, fee {} sat, {conf})",
+            view.txid, view.state, view.fee_sats
+        );
+    }
+    Ok(0)
 }
 
 /// `edgecoder mesh ...`.

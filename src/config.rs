@@ -26,6 +26,8 @@ pub const INFERENCE_PORT: u16 = 4302;
 pub const CONTROL_PLANE_PORT: u16 = 4303;
 /// Default IDE provider port (OpenAI-compatible API for the LAN).
 pub const IDE_PORT: u16 = 4304;
+/// Default anchor proxy port.
+pub const ANCHOR_PROXY_PORT: u16 = 4311;
 
 /// Configuration was rejected; every problem found is listed.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,64 @@ pub struct Config {
     pub http: HttpConfig,
     /// The mesh: membership, capability gossip, task placement on peers.
     pub mesh: MeshConfig,
+    /// The anchor proxy (`edgecoder anchor-proxy`, a separate deployment; DESIGN.md §2).
+    pub anchor_proxy: AnchorProxyConfig,
+}
+
+/// Anchor proxy settings: where bitcoind is, who may anchor, and what an anchor may cost.
+#[derive(Clone)]
+pub struct AnchorProxyConfig {
+    /// Where the proxy listens (127.0.0.1:4311).
+    pub listen: Listen,
+    /// Bitcoin Core's JSON-RPC URL.
+    pub rpc_url: String,
+    /// RPC user (with `rpc_password`); empty when a cookie file is used.
+    pub rpc_user: String,
+    /// RPC password; keep it in secrets.toml.
+    pub rpc_password: String,
+    /// bitcoind's `.cookie` file, read on every connection (it changes when bitcoind restarts).
+    pub rpc_cookie_file: Option<PathBuf>,
+    /// The wallet that pays for anchors (`/wallet/<name>`); empty for bitcoind's only wallet.
+    pub wallet: String,
+    /// The chain bitcoind must be on: main, test, testnet4, signet or regtest.
+    pub network: String,
+    /// Keys (base64url ed25519) allowed to request anchors: the coordinators.
+    pub client_keys: Vec<KeyId>,
+    /// Most new anchors broadcast per hour, across all callers.
+    pub max_per_hour: u32,
+    /// Fee rate in sat/vB; 0 lets the wallet estimate it.
+    pub fee_rate: u32,
+    /// Highest fee one anchor may pay, in satoshis; a dearer transaction is not broadcast.
+    pub max_fee: u64,
+    /// How long one RPC call may take.
+    pub rpc_timeout: Duration,
+}
+
+impl std::fmt::Debug for AnchorProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password never reaches logs or `check-config` output.
+        f.debug_struct("AnchorProxyConfig")
+            .field("listen", &self.listen)
+            .field("rpc_url", &self.rpc_url)
+            .field("rpc_user", &self.rpc_user)
+            .field(
+                "rpc_password",
+                &if self.rpc_password.is_empty() {
+                    ""
+                } else {
+                    "<set>"
+                },
+            )
+            .field("rpc_cookie_file", &self.rpc_cookie_file)
+            .field("wallet", &self.wallet)
+            .field("network", &self.network)
+            .field("client_keys", &self.client_keys)
+            .field("max_per_hour", &self.max_per_hour)
+            .field("fee_rate", &self.fee_rate)
+            .field("max_fee", &self.max_fee)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .finish()
+    }
 }
 
 /// Mesh settings (DESIGN.md §6).
@@ -369,6 +429,20 @@ impl Default for Config {
                 sync_interval: Duration::from_secs(10),
                 caps_interval: Duration::from_secs(60),
                 offer_after: Duration::from_secs(2),
+            },
+            anchor_proxy: AnchorProxyConfig {
+                listen: Listen::new(local, ANCHOR_PROXY_PORT),
+                rpc_url: "http://127.0.0.1:8332".into(),
+                rpc_user: String::new(),
+                rpc_password: String::new(),
+                rpc_cookie_file: None,
+                wallet: String::new(),
+                network: "main".into(),
+                client_keys: Vec::new(),
+                max_per_hour: 10,
+                fee_rate: 0,
+                max_fee: 20_000,
+                rpc_timeout: Duration::from_secs(30),
             },
         }
     }
@@ -696,6 +770,43 @@ impl Config {
                     .into(),
             );
         }
+        let a = &self.anchor_proxy;
+        if !(a.rpc_url.starts_with("http://") || a.rpc_url.starts_with("https://")) {
+            p.push(format!(
+                "anchor_proxy.rpc_url: {:?} must start with http:// or https://",
+                a.rpc_url
+            ));
+        }
+        if bitcoin::Network::from_core_arg(&a.network).is_err() {
+            p.push(format!(
+                "anchor_proxy.network: {:?} is not one of main, test, testnet4, signet, regtest",
+                a.network
+            ));
+        }
+        if a.rpc_cookie_file.is_some() && !(a.rpc_user.is_empty() && a.rpc_password.is_empty()) {
+            p.push(
+                "anchor_proxy.rpc_cookie_file: set either it or rpc_user/rpc_password, not both"
+                    .into(),
+            );
+        }
+        if a.rpc_user.is_empty() != a.rpc_password.is_empty() {
+            p.push("anchor_proxy.rpc_user and anchor_proxy.rpc_password go together".into());
+        }
+        if a.max_per_hour == 0 || a.max_per_hour > 3600 {
+            p.push("anchor_proxy.max_per_hour: must be between 1 and 3600".into());
+        }
+        if a.fee_rate > 10_000 {
+            p.push(
+                "anchor_proxy.fee_rate: must be at most 10000 sat/vB (0: the wallet estimates)"
+                    .into(),
+            );
+        }
+        if a.max_fee < 200 || a.max_fee > 10_000_000 {
+            p.push("anchor_proxy.max_fee: must be between 200 and 10000000 satoshis".into());
+        }
+        if a.rpc_timeout < Duration::from_secs(1) {
+            p.push("anchor_proxy.rpc_timeout: must be at least 1s".into());
+        }
         if self.store.map_size < (1 << 20) {
             p.push("store.map_size: must be at least 1MiB".into());
         }
@@ -951,6 +1062,25 @@ impl<'p> Reader<'p> {
         self.duration(&mut t, s, "caps_interval", &mut m.caps_interval);
         self.duration(&mut t, s, "offer_after", &mut m.offer_after);
         self.finish(t, "mesh");
+
+        let mut t = self.section(&mut root, "anchor_proxy");
+        let s = "anchor_proxy.";
+        let a = &mut c.anchor_proxy;
+        self.listen(&mut t, s, &mut a.listen);
+        self.get(&mut t, s, "rpc_url", &mut a.rpc_url);
+        self.get(&mut t, s, "rpc_user", &mut a.rpc_user);
+        self.get(&mut t, s, "rpc_password", &mut a.rpc_password);
+        let mut cookie: Option<String> = None;
+        self.opt_string(&mut t, s, "rpc_cookie_file", &mut cookie);
+        a.rpc_cookie_file = cookie.filter(|c| !c.is_empty()).map(PathBuf::from);
+        self.get(&mut t, s, "wallet", &mut a.wallet);
+        self.get(&mut t, s, "network", &mut a.network);
+        self.keys(&mut t, s, "client_keys", &mut a.client_keys);
+        self.get(&mut t, s, "max_per_hour", &mut a.max_per_hour);
+        self.get(&mut t, s, "fee_rate", &mut a.fee_rate);
+        self.get(&mut t, s, "max_fee", &mut a.max_fee);
+        self.duration(&mut t, s, "rpc_timeout", &mut a.rpc_timeout);
+        self.finish(t, "anchor_proxy");
 
         self.finish(root, "");
         c
@@ -1271,6 +1401,40 @@ mod tests {
             assert!(
                 doc.contains(&format!("`{key}`")),
                 "docs/configuration.md does not document `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn anchor_proxy_settings_are_checked_and_the_password_never_printed() {
+        let c = Config::from_toml(
+            "[anchor_proxy]\nrpc_user = \"a\"\nrpc_password = \"hunter2\"\nnetwork = \"signet\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.anchor_proxy.network, "signet");
+        assert_eq!(c.anchor_proxy.listen.port, ANCHOR_PROXY_PORT);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<set>"),
+            "{shown}"
+        );
+
+        let e = Config::from_toml(
+            "[anchor_proxy]\nnetwork = \"mainnet\"\nrpc_url = \"127.0.0.1:8332\"\nrpc_user = \"a\"\nrpc_cookie_file = \"/c\"\nmax_per_hour = 0\nmax_fee = 10\n",
+        )
+        .unwrap_err();
+        for key in [
+            "anchor_proxy.network",
+            "anchor_proxy.rpc_url",
+            "anchor_proxy.rpc_cookie_file",
+            "anchor_proxy.rpc_user and anchor_proxy.rpc_password",
+            "anchor_proxy.max_per_hour",
+            "anchor_proxy.max_fee",
+        ] {
+            assert!(
+                e.problems.iter().any(|p| p.starts_with(key)),
+                "{key} not reported in {:?}",
+                e.problems
             );
         }
     }

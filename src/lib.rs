@@ -17,6 +17,8 @@
 //! * [`inference`], [`control_plane`], [`ide`] — the other three ports.
 //! * [`mesh`] — nodes finding and watching each other (SWIM with Lifeguard), gossiped signed
 //!   records, and tasks offered to peers.
+//! * [`anchor_proxy`] — `edgecoder anchor-proxy` (:4311), a separate deployment that holds
+//!   bitcoind credentials and writes hashes into Bitcoin with OP_RETURN for coordinators.
 //! * [`hw`] — what the node stands on: board, CPU, memory, GPUs, throttling, capacity.
 //! * [`client`] — signed HTTP client for the coordinator API (worker, CLI, tests).
 //! * [`cli`] — the client-side commands (`task`, `status`, `keygen`); [`mod@bench`] — `edgecoder bench`.
@@ -24,6 +26,7 @@
 //!
 //! The architecture, APIs and operations are documented under `docs/` in the repository.
 
+pub mod anchor_proxy;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -22,6 +22,27 @@ fn init_logging(filter: &str) {
     }
 }
 
+/// Loads the configuration of a long-running service and starts logging; `None` (after printing
+/// every problem) when it is invalid.
+fn load_service_config(
+    args: &edgecoder::cli::ConfigArgs,
+    env: &[(String, String)],
+) -> Option<Config> {
+    match Config::load(&args.overrides(), env) {
+        Ok((cfg, file)) => {
+            init_logging(&cfg.log);
+            if let Some(f) = file {
+                tracing::info!(file = %f.display(), "configuration loaded");
+            }
+            Some(cfg)
+        }
+        Err(e) => {
+            eprintln!("edgecoder: {e}");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // ggml prints a backtrace with gdb when it aborts; on a box that is slow and leaks paths.
     // Set before any thread starts, so no other thread can be reading the environment.
@@ -31,7 +52,10 @@ fn main() -> ExitCode {
         std::env::set_var("GGML_NO_BACKTRACE", "1");
     }
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run(_) | Command::Worker(_)) {
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Worker(_) | Command::AnchorProxy(_)
+    ) {
         // Client commands print and exit: `edgecoder hw --json | head` should end quietly when
         // the reader goes away, as other command-line tools do, not panic on a broken pipe.
         // The node and the worker keep Rust's default (SIGPIPE ignored, EPIPE as an error).
@@ -55,17 +79,9 @@ fn main() -> ExitCode {
     let result: anyhow::Result<u8> = rt.block_on(async move {
         match cli.command {
             Command::Run(args) => {
-                let (cfg, file) = match Config::load(&args.overrides(), &env) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("edgecoder: {e}");
-                        return Ok(edgecoder::EXIT_CONFIG);
-                    }
+                let Some(cfg) = load_service_config(&args, &env) else {
+                    return Ok(edgecoder::EXIT_CONFIG);
                 };
-                init_logging(&cfg.log);
-                if let Some(f) = file {
-                    tracing::info!(file = %f.display(), "configuration loaded");
-                }
                 let exe = std::env::current_exe()?;
                 edgecoder::node::run(cfg, exe, CancellationToken::new()).await?;
                 Ok(0)
@@ -133,6 +149,20 @@ fn main() -> ExitCode {
                 }
                 Ok(0)
             }
+            Command::AnchorProxy(args) => {
+                let Some(cfg) = load_service_config(&args, &env) else {
+                    return Ok(edgecoder::EXIT_CONFIG);
+                };
+                match edgecoder::anchor_proxy::run(cfg, CancellationToken::new()).await {
+                    Ok(()) => Ok(0),
+                    Err(edgecoder::anchor_proxy::ProxyError::Config(e)) => {
+                        eprintln!("edgecoder: {e}");
+                        Ok(edgecoder::EXIT_CONFIG)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Command::Anchor(a) => edgecoder::cli::anchor(a).await,
             Command::CheckConfig(args) => match Config::load(&args.overrides(), &env) {
                 Ok((cfg, file)) => {
                     println!(

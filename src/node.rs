@@ -141,12 +141,12 @@ pub fn worker_key_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Holds an exclusive lock on the data directory for the life of the node.
-struct DirLock {
+pub(crate) struct DirLock {
     // Held, never read: the flock lasts as long as the descriptor stays open.
     _file: std::fs::File,
 }
 
-fn lock_data_dir(dir: &Path) -> Result<DirLock, NodeError> {
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<DirLock, NodeError> {
     let io = |source| NodeError::DataDir {
         path: dir.to_path_buf(),
         source,
@@ -478,37 +478,24 @@ pub async fn run(mut cfg: Config, exe: PathBuf, stop: CancellationToken) -> Resu
         // Fed only while the store commits and the reaper keeps ticking: a wedged node stops
         // feeding it and systemd restarts it.
         let token = services.clone();
-        let n = Notifier::from_env();
         let store = store.clone();
         let health = health.clone();
         let max_age = (cfg.coordinator.agent_timeout + every * 2).as_millis() as u64;
-        tracker.spawn(async move {
-            let mut t = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = t.tick() => {}
-                    _ = token.cancelled() => return,
+        tracker.spawn(crate::systemd::feed_watchdog(every, token, move || {
+            let store = store.clone();
+            let health = health.clone();
+            async move {
+                if !crate::systemd::store_commits(&store, every).await {
+                    return Err("the store does not commit".to_string());
                 }
-                let store_ok = matches!(
-                    tokio::time::timeout(
-                        every,
-                        store.write(crate::store::Durability::Critical, |_, _| Ok(()))
-                    )
-                    .await,
-                    Ok(Ok(()))
-                );
                 let stale = health.stale_loops(crate::clock::now_ms(), max_age);
-                if store_ok && stale.is_empty() {
-                    n.notify("WATCHDOG=1");
+                if stale.is_empty() {
+                    Ok(())
                 } else {
-                    tracing::error!(
-                        store_ok,
-                        ?stale,
-                        "node.watchdog not fed: the node is not making progress"
-                    );
+                    Err(format!("background loops not ticking: {stale:?}"))
                 }
             }
-        });
+        }));
     }
     notifier.notify("READY=1");
     tracing::info!(
@@ -566,7 +553,7 @@ pub async fn run(mut cfg: Config, exe: PathBuf, stop: CancellationToken) -> Resu
     outcome
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

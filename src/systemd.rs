@@ -62,6 +62,44 @@ impl Notifier {
     }
 }
 
+/// Sends `WATCHDOG=1` every `every` for as long as `healthy` says the service makes progress,
+/// until `stop`. A wedged service stops feeding the watchdog and systemd restarts it; the reason
+/// is logged each time a ping is withheld.
+pub async fn feed_watchdog<F, Fut>(
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut healthy: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let n = Notifier::from_env();
+    let mut t = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = t.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match healthy().await {
+            Ok(()) => n.notify("WATCHDOG=1"),
+            Err(why) => tracing::error!(%why, "watchdog not fed: no progress"),
+        }
+    }
+}
+
+/// Whether `store` commits an empty critical write within `within` (the watchdog's progress
+/// check: a stuck writer thread or a full disk shows here).
+pub async fn store_commits(store: &crate::store::Store, within: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(
+            within,
+            store.write(crate::store::Durability::Critical, |_, _| Ok(()))
+        )
+        .await,
+        Ok(Ok(()))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,8 @@ fn the_package_installs_upgrades_and_purges_in_a_throwaway_root() {
     for f in [
         "usr/bin/edgecoder",
         "usr/lib/systemd/system/edgecoder.service",
+        "usr/lib/systemd/system/edgecoder-anchor-proxy.service",
+        "etc/edgecoder/anchor-proxy.toml",
         "usr/lib/sysusers.d/edgecoder.conf",
         "usr/lib/tmpfiles.d/edgecoder.conf",
         "usr/share/edgecoder/dropins/nvidia.conf",
@@ -102,6 +104,13 @@ fn the_package_installs_upgrades_and_purges_in_a_throwaway_root() {
     );
     let wants = root.join("etc/systemd/system/multi-user.target.wants/edgecoder.service");
     assert!(wants.symlink_metadata().is_ok(), "not enabled");
+    // The anchor proxy is a separate deployment: installed, not enabled.
+    assert!(
+        root.join("etc/systemd/system/multi-user.target.wants/edgecoder-anchor-proxy.service")
+            .symlink_metadata()
+            .is_err(),
+        "the anchor proxy must not be enabled by the package"
+    );
     // The installed binary is the real one.
     let o = Command::new(root.join("usr/bin/edgecoder"))
         .arg("--version")

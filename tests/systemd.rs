@@ -8,6 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Every unit the project ships.
+const UNITS: [&str; 2] = ["edgecoder.service", "edgecoder-anchor-proxy.service"];
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -27,11 +30,9 @@ fn root_with(dropins: &[&str]) -> tempfile::TempDir {
     std::fs::copy(common::BIN, r.join("usr/bin/edgecoder")).unwrap();
     let etc = r.join("etc/systemd/system");
     std::fs::create_dir_all(etc.join("edgecoder.service.d")).unwrap();
-    std::fs::copy(
-        repo().join("systemd/edgecoder.service"),
-        etc.join("edgecoder.service"),
-    )
-    .unwrap();
+    for unit in UNITS {
+        std::fs::copy(repo().join("systemd").join(unit), etc.join(unit)).unwrap();
+    }
     for d in dropins {
         std::fs::copy(
             repo().join("systemd/edgecoder.service.d").join(d),
@@ -72,35 +73,56 @@ fn analyze(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `systemd-analyze verify` says nothing about `unit`, and its exposure is at most 2.0.
+fn verify_and_score(root: &Path, unit: &str, what: &str) -> f64 {
+    let r = format!("--root={}", root.display());
+    let (ok, text) = analyze(&["verify", &r, unit]);
+    // verify exits 0 on mere warnings (unknown keys, bad values are "ignoring"): any output
+    // about our files is a defect.
+    assert!(ok, "{what}: {text}");
+    assert!(
+        !text.contains("edgecoder"),
+        "{what}: systemd-analyze verify complained:\n{text}"
+    );
+    let (ok, text) = analyze(&["security", "--offline=yes", &r, "--threshold=20", unit]);
+    assert!(ok, "{what}: exposure above 2.0:\n{text}");
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split(&format!("exposure level for {unit}: ")).nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no score in:\n{text}"));
+    assert!(score <= 2.0, "{what}: {score}");
+    score
+}
+
 #[test]
 fn the_unit_and_every_board_dropin_verify_and_score_ok() {
     for dropins in [&[][..], &["nvidia.conf"], &["jetson.conf"]] {
         let root = root_with(dropins);
-        let r = format!("--root={}", root.path().display());
-        let (ok, text) = analyze(&["verify", &r, "edgecoder.service"]);
-        // verify exits 0 on mere warnings (unknown keys, bad values are "ignoring"): any output
-        // about our files is a defect.
-        assert!(ok, "{dropins:?}: {text}");
-        assert!(
-            !text.contains("edgecoder"),
-            "{dropins:?}: systemd-analyze verify complained:\n{text}"
-        );
-        let (ok, text) = analyze(&[
-            "security",
-            "--offline=yes",
-            &r,
-            "--threshold=20",
-            "edgecoder.service",
-        ]);
-        assert!(ok, "{dropins:?}: exposure above 2.0:\n{text}");
-        let score: f64 = text
-            .lines()
-            .find_map(|l| l.split("exposure level for edgecoder.service: ").nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no score in:\n{text}"));
-        assert!(score <= 2.0, "{dropins:?}: {score}");
+        verify_and_score(root.path(), "edgecoder.service", &format!("{dropins:?}"));
     }
+}
+
+#[test]
+fn the_anchor_proxy_unit_verifies_and_scores_ok() {
+    let root = root_with(&[]);
+    verify_and_score(
+        root.path(),
+        "edgecoder-anchor-proxy.service",
+        "anchor proxy",
+    );
+    let unit =
+        std::fs::read_to_string(repo().join("systemd/edgecoder-anchor-proxy.service")).unwrap();
+    // The unit runs the command this binary has, with the configuration file the package ships.
+    assert!(unit.contains("ExecStart=/usr/bin/edgecoder anchor-proxy\n"));
+    assert!(unit.contains("EDGECODER_CONFIG=/etc/edgecoder/anchor-proxy.toml"));
+    assert!(repo().join("packaging/anchor-proxy.toml").exists());
+    let help = Command::new(common::BIN)
+        .args(["anchor-proxy", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
 }
 
 #[test]

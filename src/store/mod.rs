@@ -85,9 +85,11 @@ pub struct Tables {
     pub kv: Database<Bytes, Bytes>,
     /// IDE API keys: sha256 of the key -> record (the key itself is never stored).
     pub api_keys: Database<Bytes, Bytes>,
+    /// Anchor proxy: anchored data -> the transaction that carries it (only the proxy writes it).
+    pub anchors: Database<Bytes, Bytes>,
 }
 
-const TABLE_COUNT: u32 = 14;
+const TABLE_COUNT: u32 = 15;
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +253,7 @@ impl Store {
             models: mk(&mut wtxn, "models")?,
             kv: mk(&mut wtxn, "kv")?,
             api_keys: mk(&mut wtxn, "api_keys")?,
+            anchors: mk(&mut wtxn, "anchors")?,
         };
         match tables.kv.get(&wtxn, b"schema_version")? {
             Some(v) => {
