@@ -133,6 +133,9 @@ pub enum Command {
     /// Run the anchor proxy (:4311): holds bitcoind credentials and anchors hashes in Bitcoin
     /// for coordinators (a separate deployment; docs/api/anchor-proxy.md).
     AnchorProxy(ConfigArgs),
+    /// Run the portal (:4310): user accounts that sign in with passkeys (a separate deployment;
+    /// docs/api/portal.md).
+    Portal(ConfigArgs),
     /// Anchor data through an anchor proxy, or look an anchor up.
     #[command(subcommand)]
     Anchor(AnchorCmd),

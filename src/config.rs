@@ -26,6 +26,8 @@ pub const INFERENCE_PORT: u16 = 4302;
 pub const CONTROL_PLANE_PORT: u16 = 4303;
 /// Default IDE provider port (OpenAI-compatible API for the LAN).
 pub const IDE_PORT: u16 = 4304;
+/// Default portal port.
+pub const PORTAL_PORT: u16 = 4310;
 /// Default anchor proxy port.
 pub const ANCHOR_PROXY_PORT: u16 = 4311;
 
@@ -81,6 +83,25 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// The anchor proxy (`edgecoder anchor-proxy`, a separate deployment; DESIGN.md §2).
     pub anchor_proxy: AnchorProxyConfig,
+    /// The portal (`edgecoder portal`, a separate deployment; DESIGN.md §2).
+    pub portal: PortalConfig,
+}
+
+/// Portal settings: where it listens and the WebAuthn relying party it is.
+#[derive(Debug, Clone)]
+pub struct PortalConfig {
+    /// Where the portal listens (0.0.0.0:4310).
+    pub listen: Listen,
+    /// The WebAuthn relying party id: the portal's host name (passkeys are bound to it).
+    pub rp_id: String,
+    /// The name browsers show for it.
+    pub rp_name: String,
+    /// The exact origins pages are served from (`https://portal.example.com`).
+    pub origins: Vec<String>,
+    /// How long a session lasts.
+    pub session_ttl: Duration,
+    /// How long a passkey ceremony may take.
+    pub ceremony_timeout: Duration,
 }
 
 /// Anchor proxy settings: where bitcoind is, who may anchor, and what an anchor may cost.
@@ -443,6 +464,14 @@ impl Default for Config {
                 fee_rate: 0,
                 max_fee: 20_000,
                 rpc_timeout: Duration::from_secs(30),
+            },
+            portal: PortalConfig {
+                listen: Listen::new(any, PORTAL_PORT),
+                rp_id: "localhost".into(),
+                rp_name: "EdgeCoder".into(),
+                origins: vec![format!("http://localhost:{PORTAL_PORT}")],
+                session_ttl: Duration::from_secs(7 * 24 * 3600),
+                ceremony_timeout: Duration::from_secs(300),
             },
         }
     }
@@ -807,6 +836,44 @@ impl Config {
         if a.rpc_timeout < Duration::from_secs(1) {
             p.push("anchor_proxy.rpc_timeout: must be at least 1s".into());
         }
+        let po = &self.portal;
+        if po.rp_id.is_empty() || po.rp_id.contains(['/', ':', ' ']) {
+            p.push(format!(
+                "portal.rp_id: {:?} must be a host name such as portal.example.com",
+                po.rp_id
+            ));
+        }
+        if po.origins.is_empty() {
+            p.push("portal.origins: name at least one origin the portal is served from".into());
+        }
+        for o in &po.origins {
+            // WebAuthn binds passkeys to the RP ID: every origin's host must be it or under it.
+            let host = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"))
+                .map(|rest| rest.split([':', '/']).next().unwrap_or(""));
+            match host {
+                Some(h) if h == po.rp_id || h.ends_with(&format!(".{}", po.rp_id)) => {}
+                Some(_) => p.push(format!(
+                    "portal.origins: {o:?} is not on portal.rp_id {:?} or a subdomain of it",
+                    po.rp_id
+                )),
+                None => p.push(format!("portal.origins: {o:?} must be an http(s) origin")),
+            }
+            if o.starts_with("http://") && po.rp_id != "localhost" {
+                p.push(format!(
+                    "portal.origins: {o:?}: browsers allow passkeys over plain http only on localhost; use https"
+                ));
+            }
+        }
+        if po.session_ttl < Duration::from_secs(60) {
+            p.push("portal.session_ttl: must be at least 1m".into());
+        }
+        if po.ceremony_timeout < Duration::from_secs(10)
+            || po.ceremony_timeout > Duration::from_secs(600)
+        {
+            p.push("portal.ceremony_timeout: must be between 10s and 10m".into());
+        }
         if self.store.map_size < (1 << 20) {
             p.push("store.map_size: must be at least 1MiB".into());
         }
@@ -1081,6 +1148,17 @@ impl<'p> Reader<'p> {
         self.get(&mut t, s, "max_fee", &mut a.max_fee);
         self.duration(&mut t, s, "rpc_timeout", &mut a.rpc_timeout);
         self.finish(t, "anchor_proxy");
+
+        let mut t = self.section(&mut root, "portal");
+        let s = "portal.";
+        let p = &mut c.portal;
+        self.listen(&mut t, s, &mut p.listen);
+        self.get(&mut t, s, "rp_id", &mut p.rp_id);
+        self.get(&mut t, s, "rp_name", &mut p.rp_name);
+        self.get(&mut t, s, "origins", &mut p.origins);
+        self.duration(&mut t, s, "session_ttl", &mut p.session_ttl);
+        self.duration(&mut t, s, "ceremony_timeout", &mut p.ceremony_timeout);
+        self.finish(t, "portal");
 
         self.finish(root, "");
         c

@@ -19,9 +19,12 @@
 //!   records, and tasks offered to peers.
 //! * [`anchor_proxy`] — `edgecoder anchor-proxy` (:4311), a separate deployment that holds
 //!   bitcoind credentials and writes hashes into Bitcoin with OP_RETURN for coordinators.
+//! * [`portal`] — `edgecoder portal` (:4310), a separate deployment: accounts that sign in with
+//!   passkeys (WebAuthn), and sessions.
 //! * [`hw`] — what the node stands on: board, CPU, memory, GPUs, throttling, capacity.
 //! * [`client`] — signed HTTP client for the coordinator API (worker, CLI, tests).
 //! * [`cli`] — the client-side commands (`task`, `status`, `keygen`); [`mod@bench`] — `edgecoder bench`.
+//! * [`standalone`] — what the separate deployments share (info file, serving loop).
 //! * [`http`], [`metrics`], [`health`], [`systemd`], [`clock`] — shared plumbing.
 //!
 //! The architecture, APIs and operations are documented under `docs/` in the repository.
@@ -43,7 +46,9 @@ pub mod inference;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+pub mod portal;
 pub mod security;
+pub mod standalone;
 pub mod store;
 pub mod systemd;
 pub mod worker;

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Run(_) | Command::Worker(_) | Command::AnchorProxy(_)
+        Command::Run(_) | Command::Worker(_) | Command::AnchorProxy(_) | Command::Portal(_)
     ) {
         // Client commands print and exit: `edgecoder hw --json | head` should end quietly when
         // the reader goes away, as other command-line tools do, not panic on a broken pipe.
@@ -161,6 +161,13 @@ fn main() -> ExitCode {
                     }
                     Err(e) => Err(e.into()),
                 }
+            }
+            Command::Portal(args) => {
+                let Some(cfg) = load_service_config(&args, &env) else {
+                    return Ok(edgecoder::EXIT_CONFIG);
+                };
+                edgecoder::portal::run(cfg, CancellationToken::new()).await?;
+                Ok(0)
             }
             Command::Anchor(a) => edgecoder::cli::anchor(a).await,
             Command::CheckConfig(args) => match Config::load(&args.overrides(), &env) {

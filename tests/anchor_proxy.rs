@@ -9,16 +9,17 @@ mod common;
 mod bitcoind;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::hex::DisplayHex;
 use bitcoind::{BitcoindDouble, Fault};
 use edgecoder::anchor_proxy::anchors::{AnchorState, AnchorView};
-use edgecoder::anchor_proxy::{AnchorRequest, ProxyInfo};
+use edgecoder::anchor_proxy::{AnchorRequest, info_file};
 use edgecoder::client::{ClientError, CoordinatorClient};
 use edgecoder::identity::Identity;
+use edgecoder::standalone::ServiceInfo;
 
 const USER: &str = "anchor";
 const PASSWORD: &str = "correct horse";
@@ -61,47 +62,11 @@ fn proxy_args(dir: &Path, rpc_url: &str, key: &Identity, extra: &[&str]) -> Vec<
 }
 
 fn spawn(dir: &Path, args: &[String]) -> Child {
-    spawn_env(dir, args, &[])
-}
-
-fn spawn_env(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("proxy.log"))
-        .unwrap();
-    Command::new(common::BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env_remove("EDGECODER_CONFIG")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    common::spawn_service(dir, args, &[])
 }
 
 fn wait_listening(dir: &Path, child: &mut Child) -> String {
-    let start = Instant::now();
-    loop {
-        if let Ok(i) = ProxyInfo::read(dir)
-            && i.pid == child.id()
-        {
-            return format!("http://{}", i.listen);
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!(
-                "the proxy exited ({s}):\n{}",
-                std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the proxy did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_service(dir, &info_file(dir), child)
 }
 
 impl Proxy {
@@ -364,7 +329,7 @@ async fn a_lost_broadcast_is_completed_with_the_same_transaction_after_a_crash()
 
     assert_eq!(proxy.terminate(), Some(0));
     assert!(
-        ProxyInfo::read(proxy.dir.path()).is_err(),
+        ServiceInfo::read(&info_file(proxy.dir.path())).is_err(),
         "anchor-proxy.json is removed at shutdown"
     );
 }
@@ -489,7 +454,7 @@ async fn tells_systemd_it_is_ready_alive_and_stopping() {
         .unwrap();
     let (id, _) = Identity::load_or_create(&dir.path().join("k")).unwrap();
     let args = proxy_args(dir.path(), &double.url, &id, &[]);
-    let mut child = spawn_env(
+    let mut child = common::spawn_service(
         dir.path(),
         &args,
         &[

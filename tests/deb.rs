@@ -86,6 +86,8 @@ fn the_package_installs_upgrades_and_purges_in_a_throwaway_root() {
         "usr/lib/systemd/system/edgecoder.service",
         "usr/lib/systemd/system/edgecoder-anchor-proxy.service",
         "etc/edgecoder/anchor-proxy.toml",
+        "usr/lib/systemd/system/edgecoder-portal.service",
+        "etc/edgecoder/portal.toml",
         "usr/lib/sysusers.d/edgecoder.conf",
         "usr/lib/tmpfiles.d/edgecoder.conf",
         "usr/share/edgecoder/dropins/nvidia.conf",
@@ -104,13 +106,16 @@ fn the_package_installs_upgrades_and_purges_in_a_throwaway_root() {
     );
     let wants = root.join("etc/systemd/system/multi-user.target.wants/edgecoder.service");
     assert!(wants.symlink_metadata().is_ok(), "not enabled");
-    // The anchor proxy is a separate deployment: installed, not enabled.
-    assert!(
-        root.join("etc/systemd/system/multi-user.target.wants/edgecoder-anchor-proxy.service")
-            .symlink_metadata()
-            .is_err(),
-        "the anchor proxy must not be enabled by the package"
-    );
+    // The anchor proxy and the portal are separate deployments: installed, not enabled.
+    for unit in ["edgecoder-anchor-proxy.service", "edgecoder-portal.service"] {
+        assert!(
+            root.join("etc/systemd/system/multi-user.target.wants")
+                .join(unit)
+                .symlink_metadata()
+                .is_err(),
+            "{unit} must not be enabled by the package"
+        );
+    }
     // The installed binary is the real one.
     let o = Command::new(root.join("usr/bin/edgecoder"))
         .arg("--version")

@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every unit the project ships.
-const UNITS: [&str; 2] = ["edgecoder.service", "edgecoder-anchor-proxy.service"];
+const UNITS: [&str; 3] = [
+    "edgecoder.service",
+    "edgecoder-anchor-proxy.service",
+    "edgecoder-portal.service",
+];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -105,24 +109,38 @@ fn the_unit_and_every_board_dropin_verify_and_score_ok() {
 }
 
 #[test]
-fn the_anchor_proxy_unit_verifies_and_scores_ok() {
+fn the_anchor_proxy_and_portal_units_verify_and_score_ok() {
     let root = root_with(&[]);
-    verify_and_score(
-        root.path(),
-        "edgecoder-anchor-proxy.service",
-        "anchor proxy",
-    );
-    let unit =
-        std::fs::read_to_string(repo().join("systemd/edgecoder-anchor-proxy.service")).unwrap();
-    // The unit runs the command this binary has, with the configuration file the package ships.
-    assert!(unit.contains("ExecStart=/usr/bin/edgecoder anchor-proxy\n"));
-    assert!(unit.contains("EDGECODER_CONFIG=/etc/edgecoder/anchor-proxy.toml"));
-    assert!(repo().join("packaging/anchor-proxy.toml").exists());
-    let help = Command::new(common::BIN)
-        .args(["anchor-proxy", "--help"])
-        .output()
-        .unwrap();
-    assert!(help.status.success());
+    for (unit, command, config) in [
+        (
+            "edgecoder-anchor-proxy.service",
+            "anchor-proxy",
+            "anchor-proxy.toml",
+        ),
+        ("edgecoder-portal.service", "portal", "portal.toml"),
+    ] {
+        verify_and_score(root.path(), unit, unit);
+        let text = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
+        // The unit runs a command this binary has, with the configuration file the package
+        // ships, and that file is valid.
+        assert!(text.contains(&format!("ExecStart=/usr/bin/edgecoder {command}\n")));
+        assert!(text.contains(&format!("EDGECODER_CONFIG=/etc/edgecoder/{config}")));
+        let help = Command::new(common::BIN)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{unit}");
+        let check = Command::new(common::BIN)
+            .args(["check-config", "--config"])
+            .arg(repo().join("packaging").join(config))
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
 }
 
 #[test]

@@ -20,7 +20,6 @@
 pub mod anchors;
 pub mod bitcoind;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,8 +45,8 @@ use crate::metrics::{Metrics, ProcessMetrics};
 use crate::security::nonce::NonceCache;
 use crate::security::ratelimit::RateLimits;
 use crate::security::{KeyResolver, Principal, Role, Verifier, VerifierConfig};
+use crate::standalone::Deployment;
 use crate::store::Store;
-use crate::systemd::Notifier;
 
 /// How long `/health` waits for bitcoind.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,25 +65,9 @@ pub enum ProxyError {
     Other(String),
 }
 
-/// What `anchor-proxy.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProxyInfo {
-    /// The process id.
-    pub pid: u32,
-    /// The bound address.
-    pub listen: SocketAddr,
-}
-
-impl ProxyInfo {
-    /// Reads the info file of a proxy whose data directory is `data_dir`.
-    ///
-    /// # Errors
-    /// Missing or unreadable file.
-    pub fn read(data_dir: &Path) -> std::io::Result<ProxyInfo> {
-        let text = std::fs::read_to_string(state_dir(data_dir).join(INFO_FILE))?;
-        serde_json::from_str(&text)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
+/// Where a proxy whose data directory is `data_dir` writes its [`ServiceInfo`](crate::standalone::ServiceInfo).
+pub fn info_file(data_dir: &Path) -> PathBuf {
+    state_dir(data_dir).join(INFO_FILE)
 }
 
 /// The proxy's own directory under the data directory, so that it can share a data directory
@@ -290,7 +273,6 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), ProxyError>
     let dir = state_dir(&cfg.data_dir);
     let _lock = crate::node::lock_data_dir(&dir).map_err(|e| ProxyError::Other(e.to_string()))?;
     let other = |e: &dyn std::fmt::Display| ProxyError::Other(e.to_string());
-    let notifier = Notifier::from_env();
     let store = Store::open(&dir.join("store"), &cfg.store).map_err(|e| other(&e))?;
     let anchors = Arc::new(
         Anchors::new(
@@ -377,94 +359,22 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), ProxyError>
             usize::try_from(cfg.http.max_body).unwrap_or(usize::MAX),
         ));
 
-    let addr = cfg.addr(&a.listen);
-    let listener = crate::http::bind("anchor_proxy", addr)
+    let listener = crate::http::bind("anchor_proxy", cfg.addr(&a.listen))
         .await
         .map_err(|e| other(&e))?;
-    let bound = listener.local_addr().map_err(|e| other(&e))?;
-    let info = ProxyInfo {
-        pid: std::process::id(),
-        listen: bound,
+    tracing::info!(chain = network.to_core_arg(), "anchor_proxy.starting");
+    let deployment = Deployment {
+        name: "anchor_proxy",
+        info_file: dir.join(INFO_FILE),
+        store,
+        drain: cfg.http.drain_timeout,
     };
-    let info_path = dir.join(INFO_FILE);
-    let json = serde_json::to_vec_pretty(&info).map_err(|e| other(&e))?;
-    let tmp = info_path.with_extension("tmp");
-    std::fs::write(&tmp, json)
-        .and_then(|()| std::fs::rename(&tmp, &info_path))
-        .map_err(|e| other(&e))?;
-
-    let serve = CancellationToken::new();
-    let mut server = tokio::spawn(crate::http::serve(listener, router, serve.clone()));
-    let background = CancellationToken::new();
-    let sweep = {
-        let token = background.clone();
-        let limits = limits.clone();
-        let nonces = nonces.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tokio::select! {
-                    _ = t.tick() => {
-                        limits.retain_recent();
-                        nonces.prune(crate::clock::now_ms() / 1000);
-                    }
-                    _ = token.cancelled() => return,
-                }
-            }
+    deployment
+        .serve(listener, router, stop, move || {
+            limits.retain_recent();
+            nonces.prune(crate::clock::now_ms() / 1000);
+            std::future::ready(())
         })
-    };
-    let watchdog = notifier.watchdog_interval().map(|every| {
-        // Fed only while the store still commits.
-        let store = store.clone();
-        tokio::spawn(crate::systemd::feed_watchdog(
-            every,
-            background.clone(),
-            move || {
-                let store = store.clone();
-                async move {
-                    if crate::systemd::store_commits(&store, every).await {
-                        Ok(())
-                    } else {
-                        Err("the store does not commit".to_string())
-                    }
-                }
-            },
-        ))
-    });
-    notifier.notify("READY=1");
-    tracing::info!(listen = %bound, chain = network.to_core_arg(), "anchor proxy ready");
-
-    let mut outcome = Ok(());
-    let mut server_done = false;
-    tokio::select! {
-        _ = crate::node::wait_for_signal() => tracing::info!("anchor_proxy.shutdown signal received"),
-        _ = stop.cancelled() => tracing::info!("anchor_proxy.shutdown requested"),
-        r = &mut server => {
-            server_done = true;
-            let reason = match r {
-                Ok(Ok(())) => "the server stopped".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-            };
-            outcome = Err(ProxyError::Other(format!("the HTTP server stopped unexpectedly: {reason}")));
-        }
-    }
-    notifier.notify("STOPPING=1");
-    serve.cancel();
-    if !server_done
-        && tokio::time::timeout(cfg.http.drain_timeout, &mut server)
-            .await
-            .is_err()
-    {
-        tracing::warn!("anchor_proxy.shutdown in-flight requests did not finish in time");
-    }
-    background.cancel();
-    let _ = sweep.await;
-    if let Some(w) = watchdog {
-        let _ = w.await;
-    }
-    store.close().await;
-    let _ = std::fs::remove_file(&info_path);
-    tracing::info!("anchor proxy stopped");
-    outcome
+        .await
+        .map_err(ProxyError::Other)
 }

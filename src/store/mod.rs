@@ -87,9 +87,17 @@ pub struct Tables {
     pub api_keys: Database<Bytes, Bytes>,
     /// Anchor proxy: anchored data -> the transaction that carries it (only the proxy writes it).
     pub anchors: Database<Bytes, Bytes>,
+    /// Portal: user id -> account.
+    pub portal_users: Database<Bytes, Bytes>,
+    /// Portal: user name -> user id.
+    pub portal_usernames: Database<Bytes, Bytes>,
+    /// Portal: passkey credential id -> its public key, owner and counter.
+    pub portal_credentials: Database<Bytes, Bytes>,
+    /// Portal: SHA-256 of a session token -> session.
+    pub portal_sessions: Database<Bytes, Bytes>,
 }
 
-const TABLE_COUNT: u32 = 15;
+const TABLE_COUNT: u32 = 19;
 
 /// Failures of the store.
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +262,10 @@ impl Store {
             kv: mk(&mut wtxn, "kv")?,
             api_keys: mk(&mut wtxn, "api_keys")?,
             anchors: mk(&mut wtxn, "anchors")?,
+            portal_users: mk(&mut wtxn, "portal_users")?,
+            portal_usernames: mk(&mut wtxn, "portal_usernames")?,
+            portal_credentials: mk(&mut wtxn, "portal_credentials")?,
+            portal_sessions: mk(&mut wtxn, "portal_sessions")?,
         };
         match tables.kv.get(&wtxn, b"schema_version")? {
             Some(v) => {

@@ -325,3 +325,47 @@ pub async fn wait_task(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Starts a separate deployment (`edgecoder anchor-proxy ...`, `edgecoder portal ...`) with
+/// `args`, its output appended to `<dir>/service.log`, `EDGECODER_CONFIG` unset.
+pub fn spawn_service(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("service.log"))
+        .unwrap();
+    Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("EDGECODER_CONFIG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the deployment started by [`spawn_service`] in `dir` has written `info_file`
+/// with its pid; returns its base URL. Panics with its log if it exits or takes 20 s.
+pub fn wait_service(dir: &Path, info_file: &Path, child: &mut Child) -> String {
+    let log = || std::fs::read_to_string(dir.join("service.log")).unwrap_or_default();
+    let start = Instant::now();
+    loop {
+        if let Ok(i) = edgecoder::standalone::ServiceInfo::read(info_file)
+            && i.pid == child.id()
+        {
+            return format!("http://{}", i.listen);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("{} exited ({s}):\n{}", info_file.display(), log());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} did not start:\n{}",
+            info_file.display(),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
