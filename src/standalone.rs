@@ -140,8 +140,9 @@ impl Deployment {
         if !server_done && tokio::time::timeout(self.drain, &mut server).await.is_err() {
             tracing::warn!(
                 service = name,
-                "shutdown: in-flight requests did not finish in time"
+                "shutdown: in-flight requests did not finish in time; cutting them off"
             );
+            server.abort();
         }
         background.cancel();
         let _ = sweeper.await;

@@ -487,3 +487,58 @@ async fn tells_systemd_it_is_ready_alive_and_stopping() {
     stopping.await.unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// The stored transaction of an anchor, as `GET /anchors/{data}` shows it.
+async fn stored_tx(c: &CoordinatorClient, data: &[u8]) -> bitcoin::Transaction {
+    let v: AnchorView = c
+        .get(&format!("/anchors/{}", data.to_lower_hex_string()))
+        .await
+        .unwrap();
+    bitcoin::consensus::encode::deserialize_hex(&v.tx).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_transaction_is_kept_while_it_could_still_confirm() {
+    let double = BitcoindDouble::start(USER, PASSWORD, WALLET).await;
+    let proxy = Proxy::start(&double, &[]);
+    let c = proxy.client();
+
+    // A temporary refusal (full mempool): the signed transaction is kept, not rebuilt.
+    double.set_fault(Some(Fault::RejectSendOnce(
+        -26,
+        "mempool min fee not met, 141 < 1410".into(),
+    )));
+    let err = anchor(&c, &[8; 32]).await.unwrap_err();
+    assert_eq!(refusal(err), (503, "broadcast_deferred".into()));
+    let kept = stored_tx(&c, &[8; 32]).await;
+    assert_eq!(double.accepted(), 0);
+    let v = anchor(&c, &[8; 32]).await.unwrap();
+    assert_eq!(v.txid, kept.compute_txid().to_string());
+    assert_eq!(double.accepted(), 1);
+    assert_eq!(double.calls("fundrawtransaction"), 1, "never funded twice");
+
+    // Its coin spent by someone else before it got out: it can never confirm, so it is
+    // forgotten and the next request builds a new one.
+    double.set_fault(Some(Fault::DropBeforeSend));
+    refusal(anchor(&c, &[9; 32]).await.unwrap_err());
+    let doomed = stored_tx(&c, &[9; 32]).await;
+    double.spend_elsewhere(doomed.input[0].previous_output);
+    let (status, code) = refusal(anchor(&c, &[9; 32]).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (502, "broadcast_rejected"));
+    assert!(double.calls("gettxout") >= 1);
+    let v = anchor(&c, &[9; 32]).await.unwrap();
+    assert_ne!(v.txid, doomed.compute_txid().to_string());
+    assert_eq!(carrying(&double, &[9; 32]).len(), 1);
+    assert_eq!(double.calls("fundrawtransaction"), 3);
+
+    // A broadcast anchor that lost to a conflicting transaction is rebuilt on request.
+    let lost = v.txid.parse::<bitcoin::Txid>().unwrap();
+    double.conflict(lost, 2);
+    let again = anchor(&c, &[9; 32]).await.unwrap();
+    assert_ne!(again.txid, v.txid);
+    assert_eq!(again.state, AnchorState::Broadcast);
+    // And an anchor that did not is answered as it is, without a new transaction.
+    let same = anchor(&c, &[9; 32]).await.unwrap();
+    assert_eq!(same.txid, again.txid);
+    assert_eq!(double.calls("fundrawtransaction"), 4);
+}

@@ -890,8 +890,14 @@ async fn a_foreign_origin_or_rp_id_is_refused() {
 async fn user_presence_and_verification_are_required() {
     let portal = Portal::start(&[]);
 
-    // Registration without UV, without UP, without AT.
-    for flags in [FLAG_UP | FLAG_AT, FLAG_UV | FLAG_AT, FLAG_UP | FLAG_UV] {
+    // Registration without UV, without UP, without AT; backed up (BS, 0x10) without being
+    // backup-eligible (BE).
+    for flags in [
+        FLAG_UP | FLAG_AT,
+        FLAG_UV | FLAG_AT,
+        FLAG_UP | FLAG_UV,
+        FLAG_UP | FLAG_UV | FLAG_AT | 0x10,
+    ] {
         let mut a = Authenticator::new(Alg::Es256);
         a.flags_override = Some(flags);
         let (ceremony, options) = portal.register_options("alice").await;
@@ -1397,6 +1403,72 @@ async fn a_passkey_is_added_only_while_its_account_is_signed_in() {
     let cred = phone.create(&options, ORIGIN).unwrap();
     portal
         .register_verify(&ceremony, &cred, Auth::Cookie(&bob.token))
+        .await
+        .refused(401, "not_signed_in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_fill_the_ceremony_table() {
+    let portal = Portal::start(&[]);
+    for i in 0..32 {
+        let r = portal
+            .post("/auth/login/options", &json!({}), Auth::None)
+            .await;
+        assert_eq!(r.status, 200, "ceremony {i}: {}", r.body);
+    }
+    let r = portal
+        .post("/auth/login/options", &json!({}), Auth::None)
+        .await;
+    r.refused(429, "too_many_ceremonies");
+    portal
+        .post(
+            "/auth/register/options",
+            &json!({"username": "alice"}),
+            Auth::None,
+        )
+        .await
+        .refused(429, "too_many_ceremonies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_portal_sets_a_host_only_secure_cookie() {
+    const SITE: &str = "https://portal.test";
+    let portal = Portal::start(&[
+        "portal.rp_id=portal.test",
+        "portal.origins=[\"https://portal.test\"]",
+    ]);
+    let mut a = Authenticator::new(Alg::Es256);
+    let (ceremony, options) = portal.register_options("alice").await;
+    assert_eq!(options["rp"]["id"], "portal.test");
+    let cred = a.create(&options, SITE).unwrap();
+    let r = portal.register_verify(&ceremony, &cred, Auth::None).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cookie = r
+        .cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-edgecoder_portal_session="))
+        .unwrap_or_else(|| panic!("{:?}", r.cookies));
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Secure"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    assert!(!cookie.contains("Domain"), "{cookie}");
+    let token = r.body["session"].as_str().unwrap();
+    // The __Host- cookie is the session; the plain name is not read on an https portal.
+    let me = portal
+        .send(
+            Method::GET,
+            "/me",
+            None,
+            Auth::None,
+            &[(
+                "cookie",
+                &format!("__Host-edgecoder_portal_session={token}"),
+            )],
+        )
+        .await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    portal
+        .send(Method::GET, "/me", None, Auth::Cookie(token), &[])
         .await
         .refused(401, "not_signed_in");
 }

@@ -9,7 +9,7 @@
 //! Requests are served one at a time (the wallet's coin selection and the record must not race).
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use bitcoin::hex::{DisplayHex, FromHex};
@@ -28,6 +28,7 @@ pub const MAX_DATA: usize = 80;
 
 /// The window `anchor_proxy.max_per_hour` counts over.
 const HOUR_MS: u64 = 3_600_000;
+const HOUR: Duration = Duration::from_secs(3600);
 
 /// Where an anchor stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,9 +158,14 @@ pub enum AnchorError {
     /// The wallet built a transaction the proxy will not broadcast.
     #[error("the wallet's transaction was refused, nothing was broadcast: {0}")]
     WalletTx(String),
-    /// bitcoind refused the transaction for good.
-    #[error("bitcoind refused the transaction: {0}")]
+    /// bitcoind refused the transaction for good: its inputs are spent elsewhere, so it can
+    /// never confirm (nothing was paid; the next request builds a new one).
+    #[error("bitcoind refused the transaction, whose coins are now spent elsewhere: {0}")]
     Rejected(String),
+    /// bitcoind refused the transaction for now (mempool full, fee below its minimum); it stays
+    /// stored and is sent again by the next request for the same data.
+    #[error("bitcoind refused the transaction for now; it is kept and sent again on retry: {0}")]
+    Deferred(String),
     /// The wallet could not fund or sign (insufficient funds, locked wallet).
     #[error("the wallet could not build the transaction: {0}")]
     Wallet(RpcError),
@@ -184,6 +190,7 @@ impl AnchorError {
             AnchorError::FeeTooHigh { .. } => (StatusCode::SERVICE_UNAVAILABLE, "fee_too_high"),
             AnchorError::WalletTx(_) => (StatusCode::BAD_GATEWAY, "wallet_tx_refused"),
             AnchorError::Rejected(_) => (StatusCode::BAD_GATEWAY, "broadcast_rejected"),
+            AnchorError::Deferred(_) => (StatusCode::SERVICE_UNAVAILABLE, "broadcast_deferred"),
             AnchorError::Wallet(_) => (StatusCode::SERVICE_UNAVAILABLE, "wallet_error"),
             AnchorError::Bitcoind(_) => (StatusCode::BAD_GATEWAY, "bitcoind_unavailable"),
             AnchorError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -191,6 +198,7 @@ impl AnchorError {
         let e = ApiError::new(status, code, self.to_string());
         match self {
             AnchorError::RateLimited { retry_after, .. } => e.retry_after(*retry_after),
+            AnchorError::Deferred(_) => e.retry_after(Duration::from_secs(60)),
             _ => e,
         }
     }
@@ -204,6 +212,7 @@ impl AnchorError {
             AnchorError::FeeTooHigh { .. } => "fee_too_high",
             AnchorError::WalletTx(_) => "wallet_tx_refused",
             AnchorError::Rejected(_) => "rejected",
+            AnchorError::Deferred(_) => "deferred",
             AnchorError::Wallet(_) => "wallet_error",
             AnchorError::Bitcoind(_) => "bitcoind_unavailable",
             AnchorError::Store(_) => "internal",
@@ -217,7 +226,7 @@ impl AnchorError {
 /// Not hex, empty, or longer than [`MAX_DATA`].
 pub fn parse_data(hex: &str) -> Result<Vec<u8>, AnchorError> {
     if hex.len() > MAX_DATA * 2 {
-        return Err(AnchorError::TooLarge(hex.len() / 2));
+        return Err(AnchorError::TooLarge(hex.len().div_ceil(2)));
     }
     let data =
         Vec::<u8>::from_hex(hex).map_err(|e| AnchorError::BadData(format!("not hex ({e})")))?;
@@ -317,8 +326,9 @@ pub struct Anchors {
     fee_rate: Option<u32>,
     max_fee: u64,
     max_per_hour: u32,
-    /// Serialises anchoring; holds the creation times of the last hour's new anchors.
-    recent: tokio::sync::Mutex<VecDeque<u64>>,
+    /// Serialises anchoring; holds when the last hour's new anchors were made, on the monotonic
+    /// clock (a wall clock stepped by NTP on a board without an RTC neither frees nor blocks it).
+    recent: tokio::sync::Mutex<VecDeque<Instant>>,
     /// Set once bitcoind has been seen on the configured chain.
     chain_ok: std::sync::atomic::AtomicBool,
 }
@@ -349,6 +359,16 @@ impl Anchors {
             Ok(v)
         })?;
         recent.sort_unstable();
+        // Ages from the wall clock, clamped: a record "from the future" counts as just made.
+        let now_ms = crate::clock::now_ms();
+        let now = Instant::now();
+        let recent: VecDeque<Instant> = recent
+            .into_iter()
+            .map(|t| {
+                now.checked_sub(Duration::from_millis(now_ms.saturating_sub(t)))
+                    .unwrap_or(now)
+            })
+            .collect();
         Ok(Anchors {
             store,
             rpc,
@@ -356,7 +376,7 @@ impl Anchors {
             fee_rate,
             max_fee,
             max_per_hour,
-            recent: tokio::sync::Mutex::new(recent.into()),
+            recent: tokio::sync::Mutex::new(recent),
             chain_ok: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -430,26 +450,41 @@ impl Anchors {
         data: Vec<u8>,
         requester: KeyId,
     ) -> Result<(AnchorRecord, bool), AnchorError> {
+        // Data already anchored is answered without waiting behind a new anchor being built.
+        if let Some(r) = self.load(&data)?
+            && r.state == AnchorState::Broadcast
+            && !self.conflicted(&r).await
+        {
+            return Ok((r, false));
+        }
         let mut recent = self.recent.lock().await;
         if let Some(r) = self.load(&data)? {
-            return match r.state {
-                AnchorState::Broadcast => Ok((r, false)),
-                AnchorState::Signed => self.broadcast(r).await.map(|r| (r, false)),
-            };
+            match r.state {
+                AnchorState::Broadcast if !self.conflicted(&r).await => return Ok((r, false)),
+                AnchorState::Broadcast => {
+                    // Another transaction spent its coins and confirmed: this one never will.
+                    tracing::warn!(txid = %r.txid(), "anchor.conflicted: building a new one");
+                    self.forget(&r.data).await?;
+                }
+                AnchorState::Signed => return self.broadcast(r).await.map(|r| (r, false)),
+            }
         }
-        let now = crate::clock::now_ms();
-        while recent.front().is_some_and(|t| *t + HOUR_MS <= now) {
+        let now = Instant::now();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+        {
             recent.pop_front();
         }
         if recent.len() >= self.max_per_hour as usize {
             let oldest = recent.front().copied().unwrap_or(now);
             return Err(AnchorError::RateLimited {
                 limit: self.max_per_hour,
-                retry_after: Duration::from_millis((oldest + HOUR_MS).saturating_sub(now)),
+                retry_after: HOUR.saturating_sub(now.duration_since(oldest)),
             });
         }
         self.check_chain().await?;
-        let record = self.build(&data, requester, now).await?;
+        let record = self.build(&data, requester, crate::clock::now_ms()).await?;
         self.save(&record).await?;
         recent.push_back(now);
         tracing::info!(
@@ -459,6 +494,15 @@ impl Anchors {
             "anchor.signed"
         );
         self.broadcast(record).await.map(|r| (r, true))
+    }
+
+    /// Whether the wallet reports the record's transaction as conflicted (negative
+    /// confirmations). Unknown, or bitcoind unreachable: not conflicted.
+    async fn conflicted(&self, r: &AnchorRecord) -> bool {
+        matches!(
+            self.rpc.wallet_tx(&r.txid().to_string()).await,
+            Ok(Some(t)) if t.confirmations < 0
+        )
     }
 
     /// Has the wallet build, fund and sign the transaction, and checks it.
@@ -541,8 +585,8 @@ impl Anchors {
             Err(RpcError::Rpc { code: c, message })
                 if c == code::VERIFY_ERROR || c == code::VERIFY_REJECTED =>
             {
-                // Refused for good, unless the refusal is because it is already in: its inputs
-                // spent by itself. The wallet knows its own transactions.
+                // Refused. Already in (its inputs spent by itself)? The wallet knows its own
+                // transactions.
                 let known = self
                     .rpc
                     .wallet_tx(&txid)
@@ -550,11 +594,29 @@ impl Anchors {
                     .map_err(AnchorError::Bitcoind)?
                     .is_some_and(|t| t.confirmations >= 0);
                 if !known {
-                    // Never accepted, so nothing was paid: forget it so that a new request
-                    // builds a new transaction.
-                    self.forget(&r.data).await?;
-                    tracing::warn!(%txid, %message, "anchor.rejected");
-                    return Err(AnchorError::Rejected(message));
+                    // Forgotten only when it can never confirm: a coin it spends is spent
+                    // elsewhere. Otherwise (mempool full, fee under the node's minimum) it stays
+                    // valid, so it is kept: building another now could pay twice.
+                    let mut spent_elsewhere = false;
+                    for input in &tx.input {
+                        let op = input.previous_output;
+                        if !self
+                            .rpc
+                            .is_unspent(&op.txid.to_string(), op.vout)
+                            .await
+                            .map_err(AnchorError::Bitcoind)?
+                        {
+                            spent_elsewhere = true;
+                            break;
+                        }
+                    }
+                    if spent_elsewhere {
+                        self.forget(&r.data).await?;
+                        tracing::warn!(%txid, %message, "anchor.rejected: its coins are spent elsewhere");
+                        return Err(AnchorError::Rejected(message));
+                    }
+                    tracing::warn!(%txid, %message, "anchor.deferred");
+                    return Err(AnchorError::Deferred(message));
                 }
             }
             Err(e) => return Err(AnchorError::Bitcoind(e)),

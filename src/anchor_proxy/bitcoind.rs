@@ -174,7 +174,9 @@ impl Bitcoind {
     /// # Errors
     /// The HTTP client cannot be built.
     pub fn new(url: &str, wallet: &str, auth: Auth, timeout: Duration) -> Result<Self, RpcError> {
+        // No HTTP(S)_PROXY: the RPC password must go to bitcoind and nowhere else.
         let http = crate::http::client_builder()
+            .no_proxy()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .build()
@@ -357,6 +359,18 @@ impl Bitcoind {
     pub async fn send(&self, tx_hex: &str, max_fee_rate: f64) -> Result<String, RpcError> {
         self.call(false, "sendrawtransaction", json!([tx_hex, max_fee_rate]))
             .await
+    }
+
+    /// `gettxout txid vout true`: whether the output exists and nothing (the mempool included)
+    /// spends it.
+    ///
+    /// # Errors
+    /// See [`RpcError`].
+    pub async fn is_unspent(&self, txid: &str, vout: u32) -> Result<bool, RpcError> {
+        let v: Value = self
+            .call(false, "gettxout", json!([txid, vout, true]))
+            .await?;
+        Ok(!v.is_null())
     }
 
     /// `gettransaction`: `None` when the wallet does not know the transaction.

@@ -199,6 +199,12 @@ async fn health(State(s): State<AppState>) -> Response {
             .chain_info()
             .await
             .map_err(|e| e.to_string())?;
+        if info.initialblockdownload {
+            return Err(format!(
+                "bitcoind is still syncing (block {} of {}): the wallet's coins are not known yet",
+                info.blocks, info.headers
+            ));
+        }
         if info.chain != s.anchors.chain() {
             return Err(format!(
                 "bitcoind is on chain {:?}, this proxy is configured for {:?}",

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -52,12 +52,19 @@ use crate::security::ratelimit::RateLimits;
 use crate::standalone::Deployment;
 use crate::store::{Durability, Store, StoreError, decode, encode};
 
-/// The session cookie's name.
+/// The session cookie's name on plain-http (localhost) portals.
 pub const COOKIE: &str = "edgecoder_portal_session";
+/// The session cookie's name when every origin is https: the `__Host-` prefix makes browsers
+/// refuse it unless it is `Secure`, has no `Domain` and `Path=/`, so a sibling subdomain cannot
+/// plant one.
+pub const SECURE_COOKIE: &str = "__Host-edgecoder_portal_session";
 /// The file, in the portal's directory, that says where it listens.
 pub const INFO_FILE: &str = "portal.json";
 /// Most passkey ceremonies in flight at once.
 const MAX_CEREMONIES: usize = 10_000;
+/// Most passkey ceremonies in flight from one IP address: one client cannot fill the table and
+/// lock everyone else out.
+const MAX_CEREMONIES_PER_IP: usize = 32;
 
 /// Where a portal whose data directory is `data_dir` writes its [`ServiceInfo`](crate::standalone::ServiceInfo).
 pub fn info_file(data_dir: &Path) -> PathBuf {
@@ -147,6 +154,7 @@ enum CeremonyKind {
 #[derive(Debug, Clone)]
 struct Ceremony {
     kind: CeremonyKind,
+    ip: std::net::IpAddr,
     challenge: [u8; 32],
     expires_ms: u64,
 }
@@ -209,10 +217,24 @@ impl Portal {
             .inc();
     }
 
-    fn start(&self, kind: CeremonyKind) -> Result<(String, [u8; 32]), ApiError> {
+    fn start(
+        &self,
+        kind: CeremonyKind,
+        ip: std::net::IpAddr,
+    ) -> Result<(String, [u8; 32]), ApiError> {
         let now = crate::clock::now_ms();
         let mut c = self.ceremonies.lock().unwrap_or_else(|p| p.into_inner());
         c.retain(|_, v| v.expires_ms > now);
+        if c.values().filter(|v| v.ip == ip).count() >= MAX_CEREMONIES_PER_IP {
+            return Err(err(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_ceremonies",
+                format!(
+                    "{MAX_CEREMONIES_PER_IP} passkey ceremonies from this address are in progress; finish one or wait"
+                ),
+            )
+            .retry_after(Duration::from_secs(10)));
+        }
         if c.len() >= MAX_CEREMONIES {
             return Err(err(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -227,6 +249,7 @@ impl Portal {
             id.clone(),
             Ceremony {
                 kind,
+                ip,
                 challenge,
                 expires_ms: now + self.cfg.ceremony_timeout.as_millis() as u64,
             },
@@ -305,9 +328,17 @@ impl Portal {
     }
 
     /// The signed-in user from the cookie or bearer token, with the token's hash.
+    fn cookie_name(&self) -> &'static str {
+        if self.secure_cookie {
+            SECURE_COOKIE
+        } else {
+            COOKIE
+        }
+    }
+
     fn session(&self, headers: &HeaderMap) -> Result<(UserRecord, [u8; 32]), ApiError> {
         let not_signed_in = || err(StatusCode::UNAUTHORIZED, "not_signed_in", "sign in first");
-        let token = session_token(headers).ok_or_else(not_signed_in)?;
+        let token = session_token(headers, self.cookie_name()).ok_or_else(not_signed_in)?;
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let s: Option<SessionRecord> = self
             .store
@@ -347,7 +378,8 @@ impl Portal {
             .await
             .map_err(|e| internal(&e))?;
         let cookie = format!(
-            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+            "{}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+            self.cookie_name(),
             self.cfg.session_ttl.as_secs(),
             if self.secure_cookie { "; Secure" } else { "" }
         );
@@ -356,8 +388,8 @@ impl Portal {
     }
 }
 
-/// The session token from `Authorization: Bearer` or the cookie.
-fn session_token(headers: &HeaderMap) -> Option<String> {
+/// The session token from `Authorization: Bearer` or the cookie `name`.
+fn session_token(headers: &HeaderMap, name: &str) -> Option<String> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -372,7 +404,7 @@ fn session_token(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .find_map(|c| {
             let (k, v) = c.trim().split_once('=')?;
-            (k == COOKIE).then(|| v.to_string())
+            (k == name).then(|| v.to_string())
         })
 }
 
@@ -413,6 +445,7 @@ fn descriptor(id: &[u8]) -> Value {
 
 async fn register_options(
     State(p): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<RegisterOptions>,
 ) -> Result<Json<Value>, ApiError> {
@@ -477,7 +510,7 @@ async fn register_options(
         "authenticatorSelection": {"residentKey": "required", "userVerification": "required"},
         "excludeCredentials": exclude.iter().map(|i| descriptor(i)).collect::<Vec<_>>(),
     });
-    let (id, challenge) = p.start(CeremonyKind::Register { user, new })?;
+    let (id, challenge) = p.start(CeremonyKind::Register { user, new }, peer.ip())?;
     let mut public = public;
     public["challenge"] = Value::String(URL_SAFE_NO_PAD.encode(challenge));
     Ok(Json(json!({"ceremony": id, "publicKey": public})))
@@ -621,6 +654,7 @@ async fn register_verify(
 
 async fn login_options(
     State(p): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     JsonBody(req): JsonBody<LoginOptions>,
 ) -> Result<Json<Value>, ApiError> {
     let allow = match req.username {
@@ -644,7 +678,7 @@ async fn login_options(
         None => Vec::new(),
     };
     let allow_json: Vec<Value> = allow.iter().map(|i| descriptor(i)).collect();
-    let (id, challenge) = p.start(CeremonyKind::Login { allow })?;
+    let (id, challenge) = p.start(CeremonyKind::Login { allow }, peer.ip())?;
     Ok(Json(json!({
         "ceremony": id,
         "publicKey": {
@@ -772,11 +806,14 @@ async fn logout(State(p): State<Shared>, headers: HeaderMap) -> Result<Response,
         .await
         .map_err(|e| internal(&e))?;
     let mut r = StatusCode::NO_CONTENT.into_response();
+    let clear = format!(
+        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        p.cookie_name(),
+        if p.secure_cookie { "; Secure" } else { "" }
+    );
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static(
-            "edgecoder_portal_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
-        ),
+        HeaderValue::from_str(&clear).map_err(|e| ApiError::internal(&e))?,
     );
     Ok(r)
 }
@@ -972,16 +1009,17 @@ mod tests {
     #[test]
     fn the_session_comes_from_bearer_or_cookie() {
         let mut h = HeaderMap::new();
-        assert_eq!(session_token(&h), None);
+        assert_eq!(session_token(&h, COOKIE), None);
         h.insert(
             header::COOKIE,
             HeaderValue::from_static("theme=dark; edgecoder_portal_session=abc; x=y"),
         );
-        assert_eq!(session_token(&h).as_deref(), Some("abc"));
+        assert_eq!(session_token(&h, COOKIE).as_deref(), Some("abc"));
+        assert_eq!(session_token(&h, SECURE_COOKIE), None);
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer xyz"),
         );
-        assert_eq!(session_token(&h).as_deref(), Some("xyz"));
+        assert_eq!(session_token(&h, COOKIE).as_deref(), Some("xyz"));
     }
 }

@@ -22,6 +22,10 @@ pub const EDDSA: i64 = -8;
 pub const UP: u8 = 0x01;
 /// Flag: the user was verified (PIN, biometrics).
 pub const UV: u8 = 0x04;
+/// Flag: the credential may be backed up (synced passkey).
+pub const BE: u8 = 0x08;
+/// Flag: the credential is backed up.
+pub const BS: u8 = 0x10;
 /// Flag: attested credential data follows.
 pub const AT: u8 = 0x40;
 /// Flag: extensions follow.
@@ -303,6 +307,11 @@ impl Expect<'_> {
         }
         if a.flags & UV == 0 {
             return Err(bad("the user was not verified (UV flag)"));
+        }
+        if a.flags & BS != 0 && a.flags & BE == 0 {
+            return Err(bad(
+                "backed up (BS) but not backup-eligible (BE): inconsistent flags",
+            ));
         }
         Ok(a)
     }

@@ -67,6 +67,9 @@ pub enum Fault {
     TamperOnSign,
     /// Every call answers HTTP 503 with body "Work queue depth exceeded" (bitcoind overloaded).
     Busy,
+    /// The next sendrawtransaction is refused with this RPC error code and message, without
+    /// accepting the transaction (e.g. -26 "mempool min fee not met"); then the fault clears.
+    RejectSendOnce(i64, String),
 }
 
 /// A running double of bitcoind's JSON-RPC server. Dropping it stops it.
@@ -142,6 +145,33 @@ impl BitcoindDouble {
     /// themselves once they have fired.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.state.lock().unwrap().fault = fault;
+    }
+
+    /// Makes the mempool transaction `txid` lose to a conflicting transaction (not shown) that
+    /// spent its inputs and now has `depth` confirmations: it leaves the mempool, its outputs
+    /// vanish, and `gettransaction` reports `confirmations: -depth` as Core does.
+    pub fn conflict(&self, txid: Txid, depth: u64) {
+        let mut st = self.state.lock().unwrap();
+        let Some(i) = st.mempool.iter().position(|t| t.compute_txid() == txid) else {
+            panic!("{txid} is not in the mempool");
+        };
+        let tx = st.mempool.remove(i);
+        for input in &tx.input {
+            st.spent_in_mempool.remove(&input.previous_output);
+            st.unspent.remove(&input.previous_output);
+        }
+        for vout in 0..tx.output.len() as u32 {
+            st.unspent.remove(&OutPoint { txid, vout });
+        }
+        st.conflicted.insert(txid, depth);
+    }
+
+    /// Spends `outpoint` in a transaction the double does not show (the wallet's coin used by
+    /// someone else, or a conflicting transaction that confirmed): it is no longer unspent.
+    pub fn spend_elsewhere(&self, outpoint: OutPoint) {
+        let mut st = self.state.lock().unwrap();
+        st.unspent.remove(&outpoint);
+        st.spent_in_mempool.remove(&outpoint);
     }
 
     /// Stops serving: the listening socket is closed at once (connections are refused) and open
@@ -503,6 +533,8 @@ struct State {
     fault: Option<Fault>,
     /// Counts fundrawtransaction calls that chose the change position themselves.
     change_picks: u64,
+    /// Wallet transactions displaced by a conflicting transaction, with its depth.
+    conflicted: HashMap<Txid, u64>,
 }
 
 fn now() -> u64 {
@@ -679,6 +711,7 @@ impl State {
             calls: HashMap::new(),
             fault: None,
             change_picks: 0,
+            conflicted: HashMap::new(),
         };
         let t0 = now() - 600 * START_HEIGHT;
         for h in 0..=START_HEIGHT {
@@ -977,6 +1010,11 @@ impl State {
             Some(Fault::DropAfterSend) => {
                 self.fault = None;
                 *drop_conn = true;
+            }
+            Some(Fault::RejectSendOnce(code, ref message)) => {
+                let e = err(code, message.clone());
+                self.fault = None;
+                return Err(e);
             }
             _ => {}
         }
@@ -1657,6 +1695,40 @@ impl State {
         Ok(obj(info))
     }
 
+    /// `gettxout txid n (include_mempool=true)`: the coin, or null when it is spent (by the
+    /// mempool too, unless include_mempool is false) or never existed.
+    fn gettxout(&self, p: &[J]) -> Result<J, RpcError> {
+        let txid = parse_txid(arg(p, 0).ok_or_else(|| usage("gettxout"))?)?;
+        let vout = arg(p, 1)
+            .and_then(|v| match v {
+                J::Num(x) => x.parse::<u32>().ok(),
+                _ => None,
+            })
+            .ok_or_else(|| usage("gettxout"))?;
+        let include_mempool = !matches!(arg(p, 2), Some(J::Bool(false)));
+        let op = OutPoint { txid, vout };
+        let unspent =
+            self.unspent.contains(&op) || (!include_mempool && self.spent_in_mempool.contains(&op));
+        let Some(out) = self.outputs.get(&op).filter(|_| unspent) else {
+            return Ok(J::Null);
+        };
+        let confirmations = self
+            .confirmed
+            .get(&txid)
+            .map_or(0, |(h, _)| self.tip() - h + 1);
+        let tip = self.tip();
+        Ok(obj(vec![
+            ("bestblock", s(self.blocks[tip as usize].hash.to_string())),
+            ("confirmations", n(confirmations)),
+            ("value", amt(out.value.to_sat() as i64)),
+            (
+                "scriptPubKey",
+                obj(vec![("hex", s(out.script_pubkey.to_hex_string()))]),
+            ),
+            ("coinbase", J::Bool(false)),
+        ]))
+    }
+
     fn gettransaction(&self, p: &[J]) -> Result<J, RpcError> {
         let txid = parse_txid(arg(p, 0).ok_or_else(|| usage("gettransaction"))?)?;
         let wtx = self.wallet_txs.get(&txid).ok_or_else(|| {
@@ -1689,6 +1761,10 @@ impl State {
             info.push(("amount", amt(credit)));
         }
         match self.confirmed.get(&txid) {
+            _ if self.conflicted.contains_key(&txid) => {
+                let depth = self.conflicted[&txid];
+                info.push(("confirmations", n(format!("-{depth}"))));
+            }
             Some(&(height, index)) => {
                 let block = &self.blocks[height as usize];
                 info.push(("confirmations", n(self.tip() - height + 1)));
@@ -1776,6 +1852,7 @@ const NODE_METHODS: &[&str] = &[
     "sendrawtransaction",
     "createrawtransaction",
     "generatetoaddress",
+    "gettxout",
 ];
 const WALLET_METHODS: &[&str] = &[
     "getwalletinfo",
@@ -1797,6 +1874,7 @@ fn param_names(method: &str) -> Option<&'static [&'static str]> {
         "getaddressinfo" => &["address"],
         "gettransaction" => &["txid", "include_watchonly", "verbose"],
         "getnewaddress" => &["label", "address_type"],
+        "gettxout" => &["txid", "n", "include_mempool"],
         _ => return None,
     })
 }
@@ -1862,6 +1940,7 @@ fn dispatch(
         "getaddressinfo" => st.getaddressinfo(&p),
         "gettransaction" => st.gettransaction(&p),
         "getnewaddress" => st.getnewaddress(&p),
+        "gettxout" => st.gettxout(&p),
         _ => Err(err(RPC_METHOD_NOT_FOUND, "Method not found")),
     }
 }
