@@ -190,20 +190,14 @@ pub async fn anchor(cmd: AnchorCmd) -> anyhow::Result<u8> {
         AnchorCmd::Submit { data, proxy } => (data, proxy, true),
         AnchorCmd::Get { data, proxy } => (data, proxy, false),
     };
-    let key_path = match &proxy.key {
-        Some(k) => k.clone(),
+    let identity = match &proxy.key {
+        Some(k) => signing_key(k.clone())?,
         None => {
             let env: Vec<(String, String)> = std::env::vars().collect();
             let (cfg, _) = Config::load(&proxy.config.overrides(), &env)?;
-            identity_path(&cfg.data_dir)
+            signing_key(identity_path(&cfg.data_dir))?
         }
     };
-    let identity = Identity::load(&key_path).with_context(|| {
-        format!(
-            "cannot read the signing key {} (pass --key)",
-            key_path.display()
-        )
-    })?;
     let client = CoordinatorClient::new(&proxy.proxy, Arc::new(identity))?;
     let view: crate::anchor_proxy::anchors::AnchorView = if submit {
         let req = crate::anchor_proxy::AnchorRequest { data };
@@ -561,22 +555,27 @@ fn resolve(conn: &ConnectArgs) -> anyhow::Result<(String, Config)> {
     Ok((url, cfg))
 }
 
+/// Reads the key a client command signs with.
+fn signing_key(path: PathBuf) -> anyhow::Result<Identity> {
+    Identity::load(&path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (run as the node's user, or pass --key)",
+            path.display()
+        )
+    })
+}
+
 /// A client for the node named by `conn`.
 ///
 /// # Errors
 /// Configuration problems, an unreadable key.
 pub fn connect(conn: &ConnectArgs) -> anyhow::Result<CoordinatorClient> {
     let (url, cfg) = resolve(conn)?;
-    let key_path = conn
-        .key
-        .clone()
-        .unwrap_or_else(|| identity_path(&cfg.data_dir));
-    let identity = Identity::load(&key_path).with_context(|| {
-        format!(
-            "cannot read the signing key {} (run as the node's user, or pass --key)",
-            key_path.display()
-        )
-    })?;
+    let identity = signing_key(
+        conn.key
+            .clone()
+            .unwrap_or_else(|| identity_path(&cfg.data_dir)),
+    )?;
     Ok(CoordinatorClient::new(&url, Arc::new(identity))?)
 }
 
@@ -596,16 +595,11 @@ pub enum Service {
 pub fn connect_service(conn: &ConnectArgs, service: Service) -> anyhow::Result<CoordinatorClient> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let (cfg, _) = Config::load(&conn.config.overrides(), &env)?;
-    let key_path = conn
-        .key
-        .clone()
-        .unwrap_or_else(|| identity_path(&cfg.data_dir));
-    let identity = Identity::load(&key_path).with_context(|| {
-        format!(
-            "cannot read the signing key {} (run as the node's user, or pass --key)",
-            key_path.display()
-        )
-    })?;
+    let identity = signing_key(
+        conn.key
+            .clone()
+            .unwrap_or_else(|| identity_path(&cfg.data_dir)),
+    )?;
     let info = NodeInfo::read(&cfg.data_dir).ok();
     let addr = match service {
         Service::Inference => info

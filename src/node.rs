@@ -225,12 +225,7 @@ pub async fn run(mut cfg: Config, exe: PathBuf, stop: CancellationToken) -> Resu
         .hardware()
         .write()
         .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(hw));
-    let limits = Arc::new(RateLimits::new(
-        cfg.security.per_ip_rate,
-        cfg.security.per_ip_burst,
-        cfg.security.per_key_rate,
-        cfg.security.per_key_burst,
-    ));
+    let limits = Arc::new(RateLimits::from_config(&cfg.security));
 
     // Tokens: `services` stops background loops and long polls; `serve` stops accepting.
     let tracker = TaskTracker::new();

@@ -301,12 +301,7 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), ProxyError>
         Err(e) => tracing::warn!(error = %e, "anchor_proxy.bitcoind not reachable yet"),
     }
 
-    let limits = Arc::new(RateLimits::new(
-        cfg.security.per_ip_rate,
-        cfg.security.per_ip_burst,
-        cfg.security.per_key_rate,
-        cfg.security.per_key_burst,
-    ));
+    let limits = Arc::new(RateLimits::from_config(&cfg.security));
     let nonces = Arc::new(
         NonceCache::load(
             store.clone(),

@@ -530,6 +530,11 @@ fn field<'a>(v: &'a Value, path: &[&str]) -> Result<&'a str, ApiError> {
     })
 }
 
+/// `credential.response.<name>`, base64url-decoded.
+fn response_bytes(credential: &Value, name: &str) -> Result<Vec<u8>, ApiError> {
+    b64(field(credential, &["response", name])?, name)
+}
+
 fn signed_in(
     status: StatusCode,
     user: &UserRecord,
@@ -570,14 +575,8 @@ async fn register_verify(
             ));
         }
     }
-    let cd = b64(
-        field(&req.credential, &["response", "clientDataJSON"])?,
-        "clientDataJSON",
-    )?;
-    let att = b64(
-        field(&req.credential, &["response", "attestationObject"])?,
-        "attestationObject",
-    )?;
+    let cd = response_bytes(&req.credential, "clientDataJSON")?;
+    let att = response_bytes(&req.credential, "attestationObject")?;
     let (cred_id, key, count) = match p
         .expect("webauthn.create", &cer.challenge)
         .registration(&cd, &att)
@@ -730,18 +729,9 @@ async fn login_verify(
         ));
     }
     let key = PublicKey::from_stored(cred.alg, &cred.key).map_err(|e| ApiError::internal(&e))?;
-    let cd = b64(
-        field(&req.credential, &["response", "clientDataJSON"])?,
-        "clientDataJSON",
-    )?;
-    let ad = b64(
-        field(&req.credential, &["response", "authenticatorData"])?,
-        "authenticatorData",
-    )?;
-    let sig = b64(
-        field(&req.credential, &["response", "signature"])?,
-        "signature",
-    )?;
+    let cd = response_bytes(&req.credential, "clientDataJSON")?;
+    let ad = response_bytes(&req.credential, "authenticatorData")?;
+    let sig = response_bytes(&req.credential, "signature")?;
     let count = p
         .expect("webauthn.get", &cer.challenge)
         .assertion(&cd, &ad, &sig, &key)
@@ -918,12 +908,7 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), PortalError
         ceremonies: Mutex::new(HashMap::new()),
         outcomes,
     });
-    let limits = Arc::new(RateLimits::new(
-        cfg.security.per_ip_rate,
-        cfg.security.per_ip_burst,
-        cfg.security.per_key_rate,
-        cfg.security.per_key_burst,
-    ));
+    let limits = Arc::new(RateLimits::from_config(&cfg.security));
     let router = Router::new()
         .route("/auth/register/options", post(register_options))
         .route("/auth/register/verify", post(register_verify))

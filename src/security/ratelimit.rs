@@ -81,6 +81,16 @@ impl std::fmt::Debug for RateLimits {
 }
 
 impl RateLimits {
+    /// The per-IP and per-key limits of `[security]`.
+    pub fn from_config(s: &crate::config::SecurityConfig) -> Self {
+        Self::new(
+            s.per_ip_rate,
+            s.per_ip_burst,
+            s.per_key_rate,
+            s.per_key_burst,
+        )
+    }
+
     /// Limits with the given rates (requests per second) and bursts.
     pub fn new(ip_rate: u32, ip_burst: u32, key_rate: u32, key_burst: u32) -> Self {
         RateLimits {
